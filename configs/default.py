@@ -1,0 +1,59 @@
+"""Defaults for every field; variants import this and override.
+
+    poster-cnn --config=configs/default.py --config.data_dir=DATA --workdir=RUN
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # Data: a directory written by poster-cnn-convert.
+  c.data_dir = ""
+  c.train_split = "train"
+  c.eval_split = "validation"  # model selection and threshold calibration
+  c.test_split = "test"
+  c.num_workers = 2  # grain worker processes decoding images; 0 = in-process
+  c.image = ml_collections.ConfigDict(dict(
+      height=224, width=224,
+      resize="stretch",  # 'stretch' (the paper) or 'pad' (keep the poster's aspect)
+      random_crop=False, crop_min_area=0.6, horizontal_flip=False, color_jitter=0.0,
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      name="paper_cnn",
+      conv_features=(16, 32, 64, 128),
+      conv_dropout=(0.1, 0.0, 0.2, 0.0),
+      dense_features=(128, 128),
+      dense_dropout=0.5,
+      bn_momentum=0.99,
+      bn_epsilon=1e-3,
+  ))
+  c.dtype = "float32"  # computation dtype: 'float32' or 'bfloat16'
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adam",  # 'adam', 'adamw' or 'sgd'
+      learning_rate=1e-3,
+      b1=0.9, b2=0.999, eps=1e-7,  # Keras' Adam defaults
+      momentum=0.9,  # sgd only
+      weight_decay=0.0,  # adamw and sgd; never on biases or BatchNorm
+      schedule="constant",  # 'constant' or 'cosine'
+      warmup_steps=0,
+      grad_clip_norm=0.0,  # 0 = off
+      accumulate_steps=1,
+  ))
+
+  c.batch_size = 32  # global, across all devices and hosts
+  c.eval_batch_size = 64
+  c.num_epochs = 20
+  c.num_train_steps = -1  # > 0 overrides num_epochs
+  c.seed = 0
+
+  c.log_every_steps = 50
+  c.eval_every_steps = -1  # -1 = once per epoch
+  c.checkpoint_every_steps = -1  # -1 = at every evaluation
+  c.keep_checkpoints = 3  # the latest N, plus the best by validation macro mAP
+
+  c.top_k = 2  # the paper's prediction rule: the 2 most probable genres
+  return c

@@ -1,0 +1,96 @@
+"""orbax checkpoints of the train state together with the grain iterator.
+
+Layout of `<workdir>/checkpoints/<step>/`:
+  state/      the TrainState (params, batch_stats, opt_state, step, rng)
+  data_iter/  the grain iterator's position (per process)
+  metrics/    validation metrics, when the step was evaluated
+
+Saving both in one step directory is what makes a resumed run continue
+with exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+BEST_METRIC = "macro_map"
+
+
+def _best_fn(metrics: dict) -> float:
+  return float(metrics[BEST_METRIC])
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> str:
+  return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+
+
+def create_manager(workdir: str | os.PathLike, *, keep: int = 3,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+  """A manager keeping the latest `keep` checkpoints and the best by macro mAP.
+
+  Saves are asynchronous: training continues while the previous step is
+  written; `wait_until_finished()` before exit.
+  """
+  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+      ocp.checkpoint_managers.LatestN(n=keep),
+      ocp.checkpoint_managers.BestN(get_metric_fn=_best_fn, n=1,
+                                    keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      best_fn=_best_fn, best_mode="max", preservation_policy=policy,
+      enable_async_checkpointing=not read_only, read_only=read_only,
+      create=not read_only)
+  return ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data_iter": grain.checkpoint.CheckpointHandler()})
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         data_iter: grain.DatasetIterator | None, metrics: dict | None = None,
+         *, force: bool = True) -> bool:
+  """Starts saving `state` (and the iterator's position) at `step`."""
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_iter is not None:
+    items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+  return manager.save(step, args=ocp.args.Composite(**items),
+                      metrics=metrics, force=force)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+            data_iter: grain.DatasetIterator | None = None) -> Any:
+  """Restores the state at `step` into `abstract_state`'s shapes and shardings.
+
+  `data_iter`, if given, is moved to the saved position in place.
+  """
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  if data_iter is not None:
+    items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored["state"]
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
+                   data_iter: grain.DatasetIterator | None = None
+                   ) -> tuple[int | None, Any]:
+  """The newest checkpoint that restores; older ones are tried if it is broken.
+
+  A preempted or killed run can leave a partial or corrupt latest step;
+  training then resumes from the one before it, with a warning.
+
+  Returns:
+    (step, state), or (None, None) when there is no checkpoint.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return step, restore(manager, step, abstract_state, data_iter)
+    except Exception as e:  # orbax raises many types for unreadable data.
+      logging.warning("checkpoint at step %d in %s could not be restored (%r); "
+                      "trying the previous one", step, manager.directory, e)
+  return None, None

@@ -1,0 +1,116 @@
+"""The poster-cnn entry point: train, evaluate or predict.
+
+    poster-cnn --config=configs/synthetic.py --config.data_dir=DATA --workdir=RUN
+    poster-cnn --mode=evaluate --workdir=RUN [--step=best] [--split=test]
+    poster-cnn --mode=predict --workdir=RUN --images='posters/*.jpg' [--format=json]
+
+Evaluation and prediction read the config the run saved in its workdir.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# Variant configs import `configs.default`; make the repository root importable
+# when running from a checkout.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_REPO, "configs")) and _REPO not in sys.path:
+  sys.path.append(_REPO)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/*.py); not needed to evaluate or predict.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.",
+                               required=True)
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict"], "What to do.")
+_STEP = flags.DEFINE_string("step", "best", "evaluate/predict: 'best', 'latest' or a step.")
+_SPLIT = flags.DEFINE_string("split", None, "evaluate: split to score (default: the test split).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None,
+                                "evaluate: dataset to score (default: the training dataset).")
+_IMAGES = flags.DEFINE_list("images", [], "predict: image files, folders or globs.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "predict: genres to list (default: config.top_k).")
+_FORMAT = flags.DEFINE_enum("format", "table", ["table", "json", "csv"], "predict: output format.")
+_OUTPUT = flags.DEFINE_string("output", None, "predict: write here instead of stdout.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "yes", "no"],
+    "Call jax.distributed.initialize(): 'auto' does so when a cluster environment "
+    "(SLURM with several tasks, Cloud TPU pod, JAX_COORDINATOR_ADDRESS) is detected.")
+
+
+def _cluster_detected() -> bool:
+  env = os.environ
+  return (int(env.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in env
+          or "TPU_WORKER_HOSTNAMES" in env and "," in env["TPU_WORKER_HOSTNAMES"])
+
+
+def _initialize_distributed() -> None:
+  if _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and _cluster_detected()):
+    coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    jax.distributed.initialize(coordinator_address=coordinator)
+
+
+def _write_predictions(predictions: list[dict]) -> str:
+  from poster_cnn import predict
+  if _FORMAT.value == "json":
+    return json.dumps(predictions, indent=2)
+  if _FORMAT.value == "csv":
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["path", "top_k", "above_threshold"])
+    for p in predictions:
+      writer.writerow([p["path"], "|".join(f"{g}:{v:.4f}" for g, v in p["top_k"]),
+                       "|".join(p["above_threshold"])])
+    return out.getvalue()
+  return predict.format_table(predictions)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _initialize_distributed()
+  logging.info("JAX process %d/%d, %d local devices: %s", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.local_devices())
+  workdir = _WORKDIR.value
+
+  if _MODE.value == "train":
+    from poster_cnn import train
+    if _CONFIG.value is None:
+      raise app.UsageError("--config is required to train")
+    train.train_and_evaluate(_CONFIG.value, workdir)
+  elif _MODE.value == "evaluate":
+    from poster_cnn import evaluate
+    summary = evaluate.evaluate_checkpoint(workdir, step=_STEP.value, split=_SPLIT.value,
+                                           data_dir=_DATA_DIR.value)
+    if jax.process_index() == 0:
+      print(evaluate.format_report(summary))
+  else:
+    from poster_cnn import predict
+    if not _IMAGES.value:
+      raise app.UsageError("--images is required to predict")
+    predictions, errors = predict.predict_files(workdir, _IMAGES.value, step=_STEP.value,
+                                                top_k=_TOP_K.value)
+    text = _write_predictions(predictions)
+    if _OUTPUT.value:
+      with open(_OUTPUT.value, "w") as f:
+        f.write(text)
+    else:
+      print(text)
+    if errors:
+      logging.warning("%d file(s) could not be read: %s", len(errors),
+                      ", ".join(e["path"] for e in errors))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

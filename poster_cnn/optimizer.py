@@ -1,0 +1,57 @@
+"""optax optimizers and learning-rate schedules from a config's `optimizer` section."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+
+def learning_rate_schedule(opt, total_steps: int) -> optax.Schedule:
+  """`opt.schedule`: 'constant' or 'cosine' (linear warmup, then cosine to 0)."""
+  warmup = int(opt.warmup_steps)
+  if opt.schedule == "constant":
+    if warmup:
+      return optax.join_schedules(
+          [optax.linear_schedule(0.0, opt.learning_rate, warmup),
+           optax.constant_schedule(opt.learning_rate)], [warmup])
+    return optax.constant_schedule(opt.learning_rate)
+  if opt.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, opt.learning_rate, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+  raise ValueError(f"unknown --config.optimizer.schedule={opt.schedule!r}; "
+                   "use 'constant' or 'cosine'")
+
+
+def decay_mask(params):
+  """True for weights that get weight decay: kernels, not biases or BatchNorm."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def create_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                     optax.Schedule]:
+  """The optimizer and its schedule (the schedule is also logged).
+
+  `opt.name`: 'adam' (the paper; Keras' epsilon 1e-7), 'adamw', or 'sgd'
+  (with `opt.momentum`, Nesterov). `opt.grad_clip_norm` > 0 clips the global
+  gradient norm first; `opt.accumulate_steps` > 1 averages gradients over that
+  many steps before each update.
+  """
+  schedule = learning_rate_schedule(opt, total_steps)
+  if opt.name == "adam":
+    tx = optax.adam(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+  elif opt.name == "adamw":
+    tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                     weight_decay=opt.weight_decay, mask=decay_mask)
+  elif opt.name == "sgd":
+    tx = optax.sgd(schedule, momentum=opt.momentum or None, nesterov=bool(opt.momentum))
+    if opt.weight_decay:
+      tx = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask), tx)
+  else:
+    raise ValueError(f"unknown --config.optimizer.name={opt.name!r}; "
+                     "use 'adam', 'adamw' or 'sgd'")
+  if opt.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+  if opt.accumulate_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=int(opt.accumulate_steps))
+  return tx, schedule

@@ -1,0 +1,370 @@
+"""Training: sharded train/eval steps and `train_and_evaluate(config, workdir)`.
+
+Data parallel without pmap: one `jax.jit` step over a 1-D device mesh
+('data',) spanning every device of every host. Batches are sharded along
+'data'; the train state is replicated. Because linen BatchNorm computes its
+batch mean over the whole (global) array it is given, its statistics are
+those of the global batch, synchronised across devices by XLA, with no
+`axis_name` or `pmean`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+from jax.experimental import multihost_utils
+
+from poster_cnn import checkpoint, logs, metrics, model as model_lib, optimizer
+from poster_cnn.data import pipeline, records
+
+RUN_INFO_FILE = "run_info.json"
+DATA_AXIS = "data"
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state and step, plus BatchNorm statistics and the base RNG.
+
+  `rng` is raw uint32 key data (checkpointable); the dropout key of each step
+  is derived from it and the step, so a resumed run draws the same masks.
+  """
+
+  batch_stats: Any = None
+  rng: jax.Array = None
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+# ---------------------------------------------------------------- mesh and batches
+
+
+def create_mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh over all devices of all processes."""
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def global_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+  """Host-local numpy batch -> global arrays sharded along 'data'."""
+  sharding = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def image_options(config) -> pipeline.ImageOptions:
+  return pipeline.ImageOptions(**config.image.to_dict())
+
+
+def compute_dtype(config):
+  if config.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"--config.dtype must be 'float32' or 'bfloat16', not {config.dtype!r}")
+  return jnp.dtype(config.dtype)
+
+
+# ---------------------------------------------------------------- state
+
+
+def state_factory(config, num_classes: int, total_steps: int, mesh: jax.sharding.Mesh):
+  """How to make the train state a config describes, without making it yet.
+
+  Returns (init, abstract, schedule): `init()` creates the replicated state
+  directly with its sharding (no host copy); `abstract` is its shapes, dtypes
+  and shardings, the target for restoring a checkpoint.
+  """
+  model = model_lib.create_model(config, num_classes, compute_dtype(config))
+  tx, schedule = optimizer.create_optimizer(config.optimizer, total_steps)
+  image_shape = (config.image.height, config.image.width, 3)
+
+  def init():
+    init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
+    variables = model.init({"params": init_rng}, jnp.zeros((1, *image_shape), jnp.uint8),
+                           train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                             batch_stats=variables["batch_stats"], tx=tx,
+                             rng=jax.random.key_data(state_rng))
+
+  replicated = jax.NamedSharding(mesh, jax.P())
+  shapes = jax.eval_shape(init)
+  shardings = jax.tree.map(lambda _: replicated, shapes)
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+  return jax.jit(init, out_shardings=shardings), abstract, schedule
+
+
+def bce_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean binary cross-entropy over genres and unmasked examples.
+
+  logits float32 (B, K); labels uint8 (B, K); mask bool (B,).
+  """
+  per_example = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)).mean(-1)
+  weight = mask.astype(jnp.float32)
+  return (per_example * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+
+
+def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  """One optimizer step on a global batch; returns the new state and metrics."""
+  dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+        train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+    return bce_loss(logits, batch["labels"], batch["mask"]), updates["batch_stats"]
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  return state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def eval_step(state: TrainState, batch: dict) -> jax.Array:
+  """Sigmoid probabilities float32 (B, K) in inference mode."""
+  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                          batch["image"], train=False)
+  return jax.nn.sigmoid(logits)
+
+
+def jit_steps(state: TrainState, mesh: jax.sharding.Mesh):
+  """The jitted train and eval steps, with shardings fixed so they compile once."""
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  data = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
+  replicated = jax.NamedSharding(mesh, jax.P())
+  train = jax.jit(train_step, in_shardings=(state_sharding, data),
+                  out_shardings=(state_sharding, replicated), donate_argnums=0)
+  evaluate = jax.jit(eval_step, in_shardings=(state_sharding, data), out_shardings=data)
+  return train, evaluate
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def predict_split(eval_fn, state: TrainState, batches, mesh: jax.sharding.Mesh
+                  ) -> dict[str, np.ndarray]:
+  """Runs `eval_fn` over every batch; returns every process's results on every host.
+
+  Returns {'scores': float32 (N, K), 'labels': uint8 (N, K), 'index': int64 (N,)}
+  with padding removed and rows ordered by record index.
+  """
+  outputs = {"scores": [], "labels": [], "mask": [], "index": []}
+  for batch in batches:
+    probs = eval_fn(state, global_batch({"image": batch["image"]}, mesh))
+    host = {"labels": batch["labels"], "mask": batch["mask"], "index": batch["index"]}
+    gathered = multihost_utils.process_allgather(
+        {"scores": probs, **global_batch(host, mesh)}, tiled=True)
+    for k in outputs:
+      outputs[k].append(np.asarray(gathered[k]))
+  out = {k: np.concatenate(v) for k, v in outputs.items()}
+  keep = out.pop("mask").astype(bool)
+  out = {k: v[keep] for k, v in out.items()}
+  order = np.argsort(out["index"], kind="stable")
+  return {k: v[order] for k, v in out.items()}
+
+
+def evaluate_split(config, state: TrainState, eval_fn, mesh, data_dir: str, split: str,
+                   thresholds: np.ndarray | None = None) -> tuple[dict, dict]:
+  """Metrics on a whole split. Returns (metrics summary, raw predictions)."""
+  ds = pipeline.eval_dataset(
+      data_dir, split, global_batch_size=config.eval_batch_size, image=image_options(config),
+      num_workers=config.num_workers, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  it = iter(ds)
+  try:
+    preds = predict_split(eval_fn, state, it, mesh)
+  finally:
+    _close(it)
+  summary = metrics.summarize(preds["scores"], preds["labels"], thresholds=thresholds)
+  return summary, preds
+
+
+def _close(it) -> None:
+  close = getattr(it, "close", None)
+  if close is not None:
+    close()
+
+
+# ---------------------------------------------------------------- run info
+
+
+def write_run_info(workdir: str, config, meta: records.DatasetMetadata) -> None:
+  """What evaluation and prediction need besides the checkpoint itself."""
+  info = {"config": json.loads(config.to_json_best_effort()),
+          "vocabulary": list(meta.vocabulary)}
+  path = os.path.join(workdir, RUN_INFO_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(info, f, indent=2)
+  os.replace(tmp, path)
+
+
+def read_run_info(workdir: str) -> tuple[ml_collections.ConfigDict, tuple[str, ...]]:
+  path = os.path.join(workdir, RUN_INFO_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir} a poster-cnn training workdir?")
+  with open(path) as f:
+    info = json.load(f)
+  return ml_collections.ConfigDict(info["config"]), tuple(info["vocabulary"])
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks, so it can save and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. called from a test runner thread)
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint and exiting")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(losses: list[tuple[int, jax.Array]], manager) -> None:
+  for step, loss in losses:
+    value = float(loss)
+    if not math.isfinite(value):
+      last = manager.latest_step()
+      raise NonFiniteLossError(
+          f"loss is {value} at step {step}; last good checkpoint: "
+          + (f"step {last} in {manager.directory}" if last is not None else "none")
+          + ". Lower --config.optimizer.learning_rate or set grad_clip_norm.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains, evaluating and checkpointing along the way; resumes from `workdir`.
+
+  Returns the last validation metrics.
+  """
+  if not config.data_dir:
+    raise ValueError("--config.data_dir is required: a directory written by "
+                     "poster-cnn-convert")
+  workdir = os.path.abspath(workdir)
+  is_chief = jax.process_index() == 0
+  meta = records.read_metadata(config.data_dir)
+  if is_chief:
+    os.makedirs(workdir, exist_ok=True)
+    write_run_info(workdir, config, meta)
+
+  mesh = create_mesh()
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"--config.batch_size={config.batch_size} is not divisible by "
+                     f"the {jax.device_count()} devices")
+  steps_per_epoch = meta.splits[config.train_split].num_examples // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"split {config.train_split!r} has fewer examples than one batch")
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else config.num_epochs * steps_per_epoch)
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+  ckpt_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else eval_every
+
+  init, abstract_state, schedule = state_factory(config, meta.num_classes, total_steps, mesh)
+  state = init()
+  train_fn, eval_fn = jit_steps(state, mesh)
+
+  train_ds = pipeline.train_dataset(
+      config.data_dir, config.train_split, global_batch_size=config.batch_size,
+      image=image_options(config), seed=config.seed, num_workers=config.num_workers,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  train_iter = iter(train_ds)
+
+  manager = checkpoint.create_manager(workdir, keep=config.keep_checkpoints)
+  restored_step, restored = checkpoint.restore_latest(manager, abstract_state, train_iter)
+  if restored is not None:
+    state = restored
+    logging.info("resumed from checkpoint at step %d", restored_step)
+  start_step = int(state.step)
+
+  writer = logs.MetricWriter(workdir, enabled=is_chief)
+  logging.info("process %d/%d, devices: %d global, %d local (%s); %d steps of %d "
+               "(%d per epoch) from step %d", jax.process_index(), jax.process_count(),
+               jax.device_count(), jax.local_device_count(), jax.devices()[0].platform,
+               total_steps, config.batch_size, steps_per_epoch, start_step)
+
+  last_eval: dict = {}
+  pending: list[tuple[int, jax.Array]] = []
+  window_start, window_steps = time.perf_counter(), 0
+  run_start = time.perf_counter()
+  step = start_step
+  with _Preemption() as preemption:
+    try:
+      while step < total_steps:
+        batch = global_batch(next(train_iter), mesh)
+        state, step_metrics = train_fn(state, batch)
+        step += 1
+        window_steps += 1
+        pending.append((step, step_metrics["loss"]))
+
+        if step % config.log_every_steps == 0 or step == total_steps:
+          _check_finite(pending, manager)
+          elapsed = time.perf_counter() - window_start
+          rate = window_steps * config.batch_size / elapsed
+          loss = float(pending[-1][1])
+          eta = (total_steps - step) * elapsed / window_steps
+          writer.write(step, {"loss": loss, "grad_norm": step_metrics["grad_norm"],
+                              "learning_rate": schedule(step - 1), "images_per_s": rate})
+          logging.info("step %d/%d  loss %.4f  %.1f img/s  eta %s", step, total_steps,
+                       loss, rate, _format_seconds(eta))
+          pending.clear()
+          window_start, window_steps = time.perf_counter(), 0
+
+        evaluate_now = step % eval_every == 0 or step == total_steps
+        if evaluate_now:
+          _check_finite(pending, manager)
+          last_eval, _ = evaluate_split(config, state, eval_fn, mesh, config.data_dir,
+                                        config.eval_split)
+          writer.write(step, last_eval, split=config.eval_split)
+          logging.info("step %d  %s macro mAP %.4f  micro mAP %.4f  F1@top%d %.4f", step,
+                       config.eval_split, last_eval["macro_map"], last_eval["micro_map"],
+                       config.top_k, last_eval.get(f"f1_top{config.top_k}", float("nan")))
+          window_start = time.perf_counter()
+        if evaluate_now or step % ckpt_every == 0 or preemption.requested:
+          checkpoint.save(manager, step, state, train_iter,
+                          metrics=_checkpoint_metrics(last_eval) if evaluate_now else None)
+        if preemption.requested:
+          logging.warning("stopping at step %d after preemption", step)
+          break
+    finally:
+      manager.wait_until_finished()
+      writer.close()
+      _close(train_iter)
+  logging.info("trained %d steps in %s", step - start_step,
+               _format_seconds(time.perf_counter() - run_start))
+  return last_eval
+
+
+def _checkpoint_metrics(summary: dict) -> dict:
+  """The scalar metrics stored beside a checkpoint (orbax writes them as JSON)."""
+  return {k: float(v) for k, v in summary.items()
+          if isinstance(v, (int, float, np.floating)) and math.isfinite(float(v))}
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(max(0, seconds))
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
