@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 
 from poster_cnn import checkpoint, metrics, train
+from poster_cnn.data import records
 
 THRESHOLDS_FILE = "thresholds_step_{step}.json"
 
@@ -49,6 +50,13 @@ def load_for_inference(workdir: str, step: str | int = "best"):
   manager.close()
   _, eval_fn = train.jit_steps(state, mesh)
   return config, vocabulary, state, eval_fn, mesh, step
+
+
+def label_prior(data_dir: str, train_split: str, n: int) -> np.ndarray:
+  """The baseline a model must beat: each genre's training frequency, float32 (n, K)."""
+  info = records.read_metadata(data_dir).splits[train_split]
+  rates = np.asarray(info.positives, np.float32) / max(info.num_examples, 1)
+  return np.broadcast_to(rates, (n, len(rates)))
 
 
 def thresholds_path(workdir: str, step: int) -> str:
@@ -88,9 +96,13 @@ def evaluate_checkpoint(workdir: str, *, step: str | int = "best", split: str | 
     if jax.process_index() == 0:
       with open(thresholds_path(workdir, step), "w") as f:
         json.dump({g: float(t) for g, t in zip(vocabulary, thresholds)}, f, indent=2)
-  summary, _ = train.evaluate_split(config, state, eval_fn, mesh, data_dir, split,
-                                    thresholds=thresholds)
-  summary = {"step": step, "split": split, "vocabulary": list(vocabulary), **summary}
+  summary, preds = train.evaluate_split(config, state, eval_fn, mesh, data_dir, split,
+                                        thresholds=thresholds)
+  prior = label_prior(data_dir, config.train_split, len(preds["labels"]))
+  summary = {"step": step, "split": split, "vocabulary": list(vocabulary), **summary,
+             "prior_macro_map": metrics.mean_average_precision(prior, preds["labels"]),
+             "prior_micro_map": metrics.mean_average_precision(prior, preds["labels"],
+                                                               average="micro")}
   if jax.process_index() == 0:
     path = os.path.join(workdir, f"eval_{split}_step{step}.json")
     with open(path, "w") as f:
@@ -107,7 +119,7 @@ def format_report(summary: dict) -> str:
     fmt = lambda v: f"{v:8.3f}" if v is not None else f"{'-':>8}"
     lines.append(f"{g:<14}{fmt(ap)}{fmt(auc)}")
   lines.append("")
-  for key in ("macro_map", "micro_map", "weighted_map", "f1_top1", "f1_top2", "f1_top3",
+  for key in ("macro_map", "prior_macro_map", "micro_map", "prior_micro_map", "weighted_map", "f1_top1", "f1_top2", "f1_top3",
               "macro_f1_calibrated", "hamming_accuracy", "subset_accuracy", "num_examples"):
     if key in summary:
       lines.append(f"{key:<22}{summary[key]:.4f}" if isinstance(summary[key], float)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging as pylogging
 import os
 import sys
 
@@ -72,9 +73,18 @@ def _write_predictions(predictions: list[dict]) -> str:
   return predict.format_table(predictions)
 
 
+class _QuietLibraries:
+  """Drops orbax's and grain's INFO chatter (several lines per checkpoint)."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= pylogging.WARNING or not any(
+        f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain"))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   _initialize_distributed()
   logging.info("JAX process %d/%d, %d local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.local_devices())
