@@ -315,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with _Preemption() as preemption:
     try:
       while step < total_steps:
-        batch = global_batch(next(train_iter), mesh)
+        batch = global_batch(_next_batch(train_iter, step, config), mesh)
         state, step_metrics = train_fn(state, batch)
         step += 1
         window_steps += 1
@@ -357,6 +357,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("trained %d steps in %s", step - start_step,
                _format_seconds(time.perf_counter() - run_start))
   return last_eval
+
+
+def _next_batch(it, step: int, config) -> dict:
+  try:
+    return next(it)
+  except RuntimeError as e:
+    if "Worker process" not in str(e):
+      raise
+    raise RuntimeError(
+        f"an input worker process died at step {step} ({e}). The usual cause is "
+        f"memory: lower --config.num_workers (now {config.num_workers}) or "
+        "--config.batch_size") from e
 
 
 def _checkpoint_metrics(summary: dict) -> dict:

@@ -134,3 +134,16 @@ def test_corrupt_shard_is_named(tmp_path, tiny_dataset):
   shard.write_bytes(shard.read_bytes()[:-10])
   with pytest.raises(tfrecord.CorruptRecordError, match=shard.name):
     pipeline.train_dataset(str(d), "train", global_batch_size=4, image=OPTS, seed=0)
+
+
+def test_a_dead_worker_is_a_prompt_clear_error(tiny_dataset):
+  import signal
+  import psutil
+  it = iter(pipeline.train_dataset(tiny_dataset, "train", global_batch_size=4, image=OPTS,
+                                   seed=0, num_workers=2))
+  next(it)
+  for child in psutil.Process().children(recursive=True):
+    child.send_signal(signal.SIGKILL)
+  with pytest.raises(RuntimeError, match="terminated unexpectedly"):
+    for _ in range(100):
+      next(it)
