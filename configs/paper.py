@@ -3,7 +3,7 @@ Adam (Keras defaults), binary cross-entropy, batch 32, 20 epochs, top-2 rule.
 
 The paper split 80/20 and watched the 20% during training, so convert with
 
-    poster-cnn-convert --csv=MovieGenre.csv --images=posters --out=data/paper \
+    poster-cnn-convert --csv=MovieGenre.csv --image_dir=posters --output_dir=data/paper \
         --vocabulary=paper --splits=train:0.8,test:0.2
     poster-cnn --config=configs/paper.py --config.data_dir=data/paper --workdir=runs/paper
 """

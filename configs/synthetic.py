@@ -2,7 +2,7 @@
 
     poster-cnn-synthesize --out_dir=runs/demo/posters_src --num_posters=3000
     poster-cnn-convert --csv=runs/demo/posters_src/MovieGenre.csv \
-        --images=runs/demo/posters_src/posters --out=runs/demo/data
+        --image_dir=runs/demo/posters_src/posters --output_dir=runs/demo/data
     poster-cnn --config=configs/synthetic.py --config.data_dir=runs/demo/data \
         --workdir=runs/demo/train
 

@@ -19,8 +19,8 @@ if [ ! -f "$RUN/posters/MovieGenre.csv" ]; then
 fi
 if [ ! -f "$RUN/data/dataset_info.json" ]; then
   echo "== converting to TFRecord in $RUN/data"
-  poster-cnn-convert --csv="$RUN/posters/MovieGenre.csv" --images="$RUN/posters/posters" \
-    --out="$RUN/data" --vocabulary=paper --seed=0
+  poster-cnn-convert --csv="$RUN/posters/MovieGenre.csv" --image_dir="$RUN/posters/posters" \
+    --output_dir="$RUN/data" --vocabulary=paper --seed=0
 fi
 echo "== training (configs/synthetic.py) in $RUN/train"
 poster-cnn --config=configs/synthetic.py --config.data_dir="$RUN/data" \
