@@ -20,7 +20,8 @@ import pytest
 from PIL import Image, features
 
 from poster_cnn.data import convert as conv
-from poster_cnn.data import records, tfrecord
+from poster_cnn.data import csv_rows, records, tfrecord
+from poster_cnn.data import splits as splits_lib
 
 REPO = Path(__file__).resolve().parents[1]
 KAGGLE_HEADER = ["imdbId", "Imdb Link", "Title", "IMDB Score", "Genre", "Poster"]
@@ -75,7 +76,7 @@ def make_kaggle(directory: Path, n: int = 40, seed: int = 0, first_id: int = 100
     (posters / f"{imdb_id}.jpg").write_bytes(
         image_bytes(tuple(int(c) for c in rng.integers(0, 256, 3))))
     rows.append(kaggle_row(imdb_id, "|".join(genres)))
-    expected[imdb_id] = [conv.normalize_genre(g) for g in genres]
+    expected[imdb_id] = [csv_rows.normalize_genre(g) for g in genres]
   path = write_csv(directory / "MovieGenre.csv", KAGGLE_HEADER, [*rows, *extra_rows])
   return path, expected
 
@@ -200,22 +201,22 @@ def test_stratified_split_puts_every_genre_in_every_split():
   labels[:10, 6] = 1  # a genre with just over 10 examples
   fractions = [0.8, 0.1, 0.1]
   for seed in range(5):
-    plan = conv.plan_splits(labels, fractions, seed)
+    plan = splits_lib.plan_splits(labels, fractions, seed)
     assert sorted(np.concatenate(plan).tolist()) == list(range(300))
     positives = np.array([labels[p].sum(0) for p in plan])
     wanted = np.outer(fractions, labels.sum(0))
     assert (positives > 0)[:, labels.sum(0) >= 10].all(), positives
     assert np.abs(positives - wanted).max() <= 1.5
     assert np.abs(np.array([len(p) for p in plan]) - np.multiply(fractions, 300)).max() <= 15
-  assert all((a == b).all() for a, b in zip(conv.plan_splits(labels, fractions, 3),
-                                            conv.plan_splits(labels, fractions, 3)))
+  assert all((a == b).all() for a, b in zip(splits_lib.plan_splits(labels, fractions, 3),
+                                            splits_lib.plan_splits(labels, fractions, 3)))
 
 
 def test_parse_splits_and_image_size():
-  assert conv.parse_splits("train:0.8,test:0.2") == {"train": 0.8, "test": 0.2}
+  assert splits_lib.parse_splits("train:0.8,test:0.2") == {"train": 0.8, "test": 0.2}
   for bad in ["train:0.8,test:0.1", "train", "train:x", "train:1.2,test:-0.2", "a-b:1"]:
     with pytest.raises(conv.ConversionError, match="--splits"):
-      conv.parse_splits(bad)
+      splits_lib.parse_splits(bad)
   assert conv.parse_image_size("none") is None
   assert conv.parse_image_size("268x182") == (268, 182)
   with pytest.raises(conv.ConversionError, match="--image_size"):
@@ -239,19 +240,19 @@ def test_shards_fill_in_order_and_empty_split_gets_one_shard(tmp_path):
 
 def test_genre_names_normalised():
   for name in ["Sci-Fi", "sci-fi", "Sci Fi", " SCI_FI ", "sci - fi"]:
-    assert conv.normalize_genre(name) == "sci-fi"
+    assert csv_rows.normalize_genre(name) == "sci-fi"
 
 
 def test_vocabulary_choices():
-  rows = [conv.Row(i + 2, str(i), genres) for i, genres in enumerate(
+  rows = [csv_rows.Row(i + 2, str(i), genres) for i, genres in enumerate(
       [("comedy", "drama"), ("drama",), ("drama", "horror"), ("comedy",), ("western",)])]
-  assert conv.choose_vocabulary("paper", rows) == conv.PAPER_GENRES
-  assert len(conv.PAPER_GENRES) == 13 and conv.PAPER_GENRES[10] == "sci-fi"
-  assert conv.choose_vocabulary("min_count:2", rows) == ("drama", "comedy")
-  assert conv.choose_vocabulary("min_count:1", rows) == ("drama", "comedy", "horror", "western")
-  assert conv.choose_vocabulary(["Sci Fi", "Drama", "drama"], rows) == ("sci-fi", "drama")
+  assert csv_rows.choose_vocabulary("paper", rows) == csv_rows.PAPER_GENRES
+  assert len(csv_rows.PAPER_GENRES) == 13 and csv_rows.PAPER_GENRES[10] == "sci-fi"
+  assert csv_rows.choose_vocabulary("min_count:2", rows) == ("drama", "comedy")
+  assert csv_rows.choose_vocabulary("min_count:1", rows) == ("drama", "comedy", "horror", "western")
+  assert csv_rows.choose_vocabulary(["Sci Fi", "Drama", "drama"], rows) == ("sci-fi", "drama")
   with pytest.raises(conv.ConversionError, match="min_count:9"):
-    conv.choose_vocabulary("min_count:9", rows)
+    csv_rows.choose_vocabulary("min_count:9", rows)
 
 
 @pytest.mark.parametrize("unlabeled", ["drop", "keep"])
@@ -319,15 +320,16 @@ def test_custom_layout_from_flags(tmp_path):
 
 def test_layout_errors_name_the_flag():
   with pytest.raises(conv.ConversionError, match="--genre_column.*--genre_columns"):
-    conv.detect_layout(["id", "tags"], [["1", "a|b"]])
+    csv_rows.detect_layout(["id", "tags"], [["1", "a|b"]])
   with pytest.raises(conv.ConversionError, match="--id_column"):
-    conv.detect_layout(["key", "Genre"], [["1", "Drama"]])
+    csv_rows.detect_layout(["key", "Genre"], [["1", "Drama"]])
   with pytest.raises(conv.ConversionError, match="--layout=kaggle or --layout=onehot"):
-    conv.detect_layout(["imdbId", "Genre", "Action", "Drama"], [["1", "Drama", "0", "1"]])
+    csv_rows.detect_layout(["imdbId", "Genre", "Action", "Drama"], [["1", "Drama", "0", "1"]])
   with pytest.raises(conv.ConversionError, match="--image_column=path: no such column"):
-    conv.detect_layout(["imdbId", "Genre"], [], image_column="path")
-  assert conv.detect_layout(["imdbId", "Genre", "Action", "Drama"], [["1", "Drama", "0", "1"]],
-                            layout="kaggle").genre_column == "Genre"
+    csv_rows.detect_layout(["imdbId", "Genre"], [], image_column="path")
+  assert csv_rows.detect_layout(["imdbId", "Genre", "Action", "Drama"],
+                                [["1", "Drama", "0", "1"]],
+                                layout="kaggle").genre_column == "Genre"
 
 
 def test_latin1_csv_read_by_default_and_undecodable_rows_skipped(tmp_path):

@@ -67,7 +67,8 @@ def encode_example(*, image: bytes, id: str, title: str, labels: np.ndarray,
   feature["labels"].int64_list.value.extend(labels.tolist())
   feature["genres"].bytes_list.value.extend(
       vocabulary[i].encode("utf-8") for i in np.flatnonzero(labels))
-  return ex.SerializeToString()
+  # Sorted map keys: the same poster always serialises to the same bytes.
+  return ex.SerializeToString(deterministic=True)
 
 
 def decode_example(record: bytes) -> dict:
