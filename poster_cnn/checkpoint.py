@@ -12,12 +12,14 @@ with exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 BEST_METRIC = "macro_map"
 
@@ -82,15 +84,36 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   """The newest checkpoint that restores; older ones are tried if it is broken.
 
   A preempted or killed run can leave a partial or corrupt latest step;
-  training then resumes from the one before it, with a warning.
+  training then resumes from the one before it, with a warning. Broken steps
+  are moved to `<workdir>/checkpoints_broken/` (kept for inspection, and out
+  of the way of the step numbers training will save again).
 
   Returns:
     (step, state), or (None, None) when there is no checkpoint.
   """
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      return step, restore(manager, step, abstract_state, data_iter)
-    except Exception as e:  # orbax raises many types for unreadable data.
-      logging.warning("checkpoint at step %d in %s could not be restored (%r); "
-                      "trying the previous one", step, manager.directory, e)
-  return None, None
+  broken = []
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        return step, restore(manager, step, abstract_state, data_iter)
+      except Exception as e:  # orbax raises many types for unreadable data.
+        logging.warning("checkpoint at step %d in %s could not be restored (%r); "
+                        "trying the previous one", step, manager.directory, e)
+        broken.append(step)
+    return None, None
+  finally:
+    if broken:
+      _set_aside(manager, broken)
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+  directory = os.fspath(manager.directory)
+  if jax.process_index() == 0:
+    aside = os.path.join(os.path.dirname(directory), "checkpoints_broken")
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      target = os.path.join(aside, f"{step}-{int(time.time())}")
+      os.replace(os.path.join(directory, str(step)), target)
+      logging.warning("moved broken checkpoint %d to %s", step, target)
+  multihost_utils.sync_global_devices("poster_cnn_set_aside_broken_checkpoints")
+  manager.reload()

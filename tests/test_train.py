@@ -1,0 +1,156 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from poster_cnn import checkpoint, logs, train
+from poster_cnn.data import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(data_dir, **overrides):
+  c = tiny.get_config()
+  c.data_dir = data_dir
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def test_loss_falls_and_checkpoints_and_logs_are_written(tiny_dataset, tmp_path):
+  c = _config(tiny_dataset, num_train_steps=40, eval_every_steps=20, log_every_steps=5)
+  c.optimizer.learning_rate = 3e-3
+  result = train.train_and_evaluate(c, str(tmp_path))
+  rows = [r for r in logs.read_metrics(tmp_path) if r["split"] == "train"]
+  first, last = np.mean([r["loss"] for r in rows[:2]]), np.mean([r["loss"] for r in rows[-2:]])
+  assert last < 0.85 * first, (first, last)
+  assert {"loss", "learning_rate", "images_per_s", "grad_norm"} <= set(rows[0])
+  assert result["macro_map"] > 0.5
+  assert os.listdir(tmp_path / "tensorboard")
+  manager = checkpoint.create_manager(tmp_path, read_only=True)
+  assert manager.latest_step() == 40 and manager.best_step() in (20, 40)
+
+
+def test_train_step_compiles_once(tiny_dataset):
+  c = _config(tiny_dataset)
+  mesh = train.create_mesh()
+  init, _, _ = train.state_factory(c, 4, 10, mesh)
+  state = init()
+  train_fn, _ = train.jit_steps(state, mesh)
+  it = iter(pipeline.train_dataset(tiny_dataset, "train", global_batch_size=8,
+                                   image=train.image_options(c), seed=0))
+  for _ in range(4):
+    state, m = train_fn(state, train.global_batch(next(it), mesh))
+  float(m["loss"])
+  assert train_fn._cache_size() == 1
+
+
+def test_nan_loss_stops_with_step_and_checkpoint(tiny_dataset, tmp_path):
+  c = _config(tiny_dataset, num_train_steps=6, log_every_steps=1)
+  c.optimizer.learning_rate = float("nan")
+  with pytest.raises(train.NonFiniteLossError, match=r"at step \d+; last good checkpoint"):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
+_DEVICE_RUN = textwrap.dedent("""
+    import sys, numpy as np, jax
+    sys.path.insert(0, {repo!r})
+    from configs import tiny
+    from poster_cnn import train
+    from poster_cnn.data import pipeline
+    c = tiny.get_config(); c.data_dir = {data!r}
+    # Plain small SGD steps: Adam's first steps divide by sqrt(v), and large steps let
+    # reduction-order noise flip max-pool winners; either magnifies 1e-7 differences into
+    # 1e-4 ones. What is compared here is the sharding: per-device BatchNorm statistics
+    # or a wrongly split batch would differ at the first step by orders of magnitude more.
+    c.optimizer.name = "sgd"; c.optimizer.learning_rate = 0.002; c.optimizer.momentum = 0.0
+    mesh = train.create_mesh()
+    assert jax.device_count() == {n}
+    init, _, _ = train.state_factory(c, 4, 10, mesh)
+    state = init()
+    train_fn, _ = train.jit_steps(state, mesh)
+    it = iter(pipeline.train_dataset(c.data_dir, "train", global_batch_size=8,
+                                     image=train.image_options(c), seed=0))
+    for _ in range(4):
+      state, _ = train_fn(state, train.global_batch(next(it), mesh))
+    leaves = jax.tree.leaves({{"p": state.params, "b": state.batch_stats}})
+    np.savez({out!r}, *[np.asarray(x) for x in leaves])
+""")
+
+
+def test_one_and_four_devices_give_the_same_params_and_batch_stats(tiny_dataset, tmp_path):
+  results = []
+  for n in (1, 4):
+    out = str(tmp_path / f"dev{n}.npz")
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+           "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-c", _DEVICE_RUN.format(repo=REPO, data=tiny_dataset,
+                                                             n=n, out=out)],
+                   env=env, check=True, capture_output=True, timeout=300)
+    with np.load(out) as f:
+      results.append([f[k] for k in sorted(f.files, key=lambda s: int(s.split("_")[1]))])
+  for a, b in zip(*results):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _cli(workdir, data_dir, *extra):
+  return [sys.executable, "-m", "poster_cnn.main", f"--config={REPO}/configs/tiny.py",
+          f"--config.data_dir={data_dir}", f"--workdir={workdir}", *extra]
+
+
+def _final_params(workdir, step):
+  manager = checkpoint.create_manager(workdir, read_only=True)
+  restored = manager.restore(step, args=checkpoint.ocp.args.Composite(
+      state=checkpoint.ocp.args.StandardRestore()))
+  return jax.tree.leaves(restored["state"]["params"]), jax.tree.leaves(restored["state"]["batch_stats"])
+
+
+def test_sigkill_then_restart_equals_an_uninterrupted_run(tiny_dataset, tmp_path):
+  args = ("--config.num_train_steps=40", "--config.checkpoint_every_steps=4",
+          "--config.eval_every_steps=20", "--config.num_workers=0")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  straight = tmp_path / "straight"
+  subprocess.run(_cli(straight, tiny_dataset, *args), env=env, check=True, cwd=REPO,
+                 capture_output=True, timeout=300)
+
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(_cli(killed, tiny_dataset, *args), env=env, cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (killed / "checkpoints" / "8").exists() and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
+  assert not (killed / "checkpoints" / "40").exists()
+  subprocess.run(_cli(killed, tiny_dataset, *args), env=env, check=True, cwd=REPO,
+                 capture_output=True, timeout=300)
+
+  for a, b in zip(*[_final_params(w, 40) for w in (straight, killed)]):
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(x, y)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_dataset, tmp_path):
+  c = _config(tiny_dataset, num_train_steps=6, checkpoint_every_steps=3, eval_every_steps=6)
+  train.train_and_evaluate(c, str(tmp_path))
+  # Damage every array file of the last checkpoint's state.
+  for root, _, files in os.walk(tmp_path / "checkpoints" / "6" / "state"):
+    for f in files:
+      path = os.path.join(root, f)
+      with open(path, "wb") as fh:
+        fh.write(b"garbage")
+  c.num_train_steps = 9
+  train.train_and_evaluate(c, str(tmp_path))
+  rows = [r for r in logs.read_metrics(tmp_path) if r["split"] == "train"]
+  # Steps 4..6 were trained twice: once before the damage, again after falling back to 3.
+  assert [r["step"] for r in rows].count(6) == 2
+  assert [d.split("-")[0] for d in os.listdir(tmp_path / "checkpoints_broken")] == ["6"]
+  assert checkpoint.create_manager(tmp_path, read_only=True).latest_step() == 9
