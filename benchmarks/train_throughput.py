@@ -1,0 +1,123 @@
+"""Train and eval step throughput of a config's model on random uint8 batches.
+
+Prints one machine-readable line per (mode, batch size), e.g.
+
+  train config=paper device=cpu devices=1 batch=32 image=224 compile_s=3.1
+        step_ms=1290.2 img_per_s=24.8 gflop_per_img=1.19 mfu=0.074
+
+Step times are medians over --repeats timed windows of --steps steps each,
+after one warm-up step that includes compilation. MFU divides the achieved
+model FLOP rate (XLA's cost analysis of the compiled step) by --peak_gflops,
+a matmul rate measured on the same machine when not given.
+
+    python benchmarks/train_throughput.py --config=configs/paper.py --batch_sizes=32,64,128
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from poster_cnn import train  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/paper.py", "Model config.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["32"], "Global batch sizes.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Steps per timed window.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed windows; the median is reported.")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 13, "Model outputs.")
+_PEAK = flags.DEFINE_float("peak_gflops", 0.0, "Peak GFLOP/s for MFU; 0 = measure a matmul.")
+_EVAL = flags.DEFINE_bool("eval", True, "Also time the eval step.")
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """fp32 matmul rate of the default device, GFLOP/s (median)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def _time(fn, repeats: int, steps: int) -> float:
+  windows = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn(steps)
+    windows.append((time.perf_counter() - t) / steps)
+  return statistics.median(windows)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  mesh = train.create_mesh()
+  name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+  peak = _PEAK.value or matmul_peak_gflops()
+  device = f"device={jax.devices()[0].device_kind.replace(' ', '_')} devices={jax.device_count()}"
+  print(f"peak_matmul_gflops={peak:.1f} {device}", flush=True)
+  for batch_size in map(int, _BATCH_SIZES.value):
+    init, _, _ = train.state_factory(config, _NUM_CLASSES.value, 1000, mesh)
+    state = init()
+    train_fn, eval_fn = train.jit_steps(state, mesh)
+    h, w = config.image.height, config.image.width
+    rng = np.random.default_rng(0)
+    batch = train.global_batch({
+        "image": rng.integers(0, 256, (batch_size, h, w, 3), dtype=np.uint8),
+        "labels": (rng.random((batch_size, _NUM_CLASSES.value)) < 0.2).astype(np.uint8),
+        "mask": np.ones((batch_size,), bool)}, mesh)
+
+    t = time.perf_counter()
+    compiled = train_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+    flops_per_img = _flops(compiled) / batch_size
+
+    def run_train(n, state=[state]):  # the list carries the donated state across calls
+      s = state[0]
+      for _ in range(n):
+        s, m = train_fn(s, batch)
+      jax.block_until_ready(m["loss"])
+      state[0] = s
+
+    run_train(1)
+    step = _time(run_train, _REPEATS.value, _STEPS.value)
+    rate = batch_size / step
+    mfu = rate * flops_per_img / (peak * 1e9)
+    print(f"train config={name} {device} batch={batch_size} image={h} compile_s={compile_s:.2f} "
+          f"step_ms={step * 1e3:.1f} img_per_s={rate:.1f} gflop_per_img={flops_per_img / 1e9:.3f} "
+          f"mfu={mfu:.3f}", flush=True)
+
+    if _EVAL.value:
+      st = run_train.__defaults__[0][0]
+      eval_fn(st, batch).block_until_ready()
+
+      def run_eval(n):
+        for _ in range(n):
+          out = eval_fn(st, batch)
+        out.block_until_ready()
+
+      step = _time(run_eval, _REPEATS.value, _STEPS.value)
+      print(f"eval config={name} {device} batch={batch_size} image={h} "
+            f"step_ms={step * 1e3:.1f} img_per_s={batch_size / step:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
