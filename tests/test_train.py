@@ -154,3 +154,21 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_dataset, tmp_
   assert [r["step"] for r in rows].count(6) == 2
   assert [d.split("-")[0] for d in os.listdir(tmp_path / "checkpoints_broken")] == ["6"]
   assert checkpoint.create_manager(tmp_path, read_only=True).latest_step() == 9
+
+
+def test_sigterm_saves_and_exits_cleanly(tiny_dataset, tmp_path):
+  args = ("--config.num_train_steps=100000", "--config.checkpoint_every_steps=4",
+          "--config.eval_every_steps=100000", "--config.num_workers=0")
+  proc = subprocess.Popen(_cli(tmp_path, tiny_dataset, *args), cwd=REPO, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 240
+  while not (tmp_path / "checkpoints" / "4").exists() and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-2000:]
+  assert "stopping at step" in stderr
+  stopped = int(stderr.split("stopping at step ")[1].split()[0])
+  manager = checkpoint.create_manager(tmp_path, read_only=True)
+  assert manager.latest_step() == stopped and 4 <= stopped < 100000
