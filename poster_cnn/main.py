@@ -43,19 +43,29 @@ _OUTPUT = flags.DEFINE_string("output", None, "predict: write here instead of st
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "yes", "no"],
     "Call jax.distributed.initialize(): 'auto' does so when a cluster environment "
-    "(SLURM with several tasks, Cloud TPU pod, JAX_COORDINATOR_ADDRESS) is detected.")
+    "(SLURM with several tasks, Cloud TPU pod, JAX_COORDINATOR_ADDRESS) or "
+    "--coordinator_address is given.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for clusters JAX does not "
+    "detect by itself (with --num_processes and --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
 
 
 def _cluster_detected() -> bool:
   env = os.environ
-  return (int(env.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in env
+  return (_COORDINATOR.value is not None or int(env.get("SLURM_NTASKS", "1")) > 1
+          or "JAX_COORDINATOR_ADDRESS" in env
           or "TPU_WORKER_HOSTNAMES" in env and "," in env["TPU_WORKER_HOSTNAMES"])
 
 
 def _initialize_distributed() -> None:
   if _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and _cluster_detected()):
-    coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    jax.distributed.initialize(coordinator_address=coordinator)
+    # CPU processes exchange arrays through gloo; GPU and TPU backends ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS"),
+        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
 def _write_predictions(predictions: list[dict]) -> str:

@@ -107,9 +107,13 @@ def _cli(workdir, data_dir, *extra):
 
 
 def _final_params(workdir, step):
+  """Params and batch stats of a checkpoint, restored onto this process's first device."""
   manager = checkpoint.create_manager(workdir, read_only=True)
+  here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                        manager.item_metadata(step)["state"])
   restored = manager.restore(step, args=checkpoint.ocp.args.Composite(
-      state=checkpoint.ocp.args.StandardRestore()))
+      state=checkpoint.ocp.args.StandardRestore(target)))
   return jax.tree.leaves(restored["state"]["params"]), jax.tree.leaves(restored["state"]["batch_stats"])
 
 
@@ -172,3 +176,42 @@ def test_sigterm_saves_and_exits_cleanly(tiny_dataset, tmp_path):
   stopped = int(stderr.split("stopping at step ")[1].split()[0])
   manager = checkpoint.create_manager(tmp_path, read_only=True)
   assert manager.latest_step() == stopped and 4 <= stopped < 100000
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_and_only_process_zero_logs(tiny_dataset, tmp_path):
+  # Without dropout the global batch's order does not matter, so two processes of two
+  # devices each (each reading its own half of every batch) must match one of four.
+  args = ("--config.num_train_steps=6", "--config.eval_every_steps=3", "--config.num_workers=0",
+          "--config.model.conv_dropout=(0.,0.,0.,0.)", "--config.model.dense_dropout=0.",
+          "--config.optimizer.name=sgd", "--config.optimizer.learning_rate=0.002",
+          "--config.optimizer.momentum=0.")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  single = tmp_path / "single"
+  subprocess.run(_cli(single, tiny_dataset, *args),
+                 env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+                 cwd=REPO, check=True, capture_output=True, timeout=300)
+  multi = tmp_path / "multi"
+  port = _free_port()
+  env2 = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  procs = [subprocess.Popen(_cli(multi, tiny_dataset, *args,
+                                 f"--coordinator_address=127.0.0.1:{port}",
+                                 "--num_processes=2", f"--process_id={i}"),
+                            env=env2, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  for a, b in zip(*[_final_params(w, 6) for w in (single, multi)]):
+    for x, y in zip(a, b):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  one = [r for r in logs.read_metrics(single) if r["split"] == "validation"]
+  two = [r for r in logs.read_metrics(multi) if r["split"] == "validation"]
+  assert len(two) == len(one) == 2  # one writer, not two
+  assert two[-1]["macro_map"] == pytest.approx(one[-1]["macro_map"], abs=1e-6)
