@@ -16,7 +16,7 @@ def get_config():
   c = default.get_config()
   c.image.height = c.image.width = 64
   c.batch_size = 32
-  c.num_epochs = 8
+  c.num_epochs = 15
   c.log_every_steps = 25
   c.num_workers = 1
   return c
