@@ -1,10 +1,11 @@
-"""The poster-cnn entry point: train, evaluate or predict.
+"""The poster-cnn entry point: train, evaluate, predict or report.
 
     poster-cnn --config=configs/synthetic.py --config.data_dir=DATA --workdir=RUN
     poster-cnn --mode=evaluate --workdir=RUN [--step=best] [--split=test]
     poster-cnn --mode=predict --workdir=RUN --images='posters/*.jpg' [--format=json]
+    poster-cnn --mode=report --workdir=RUN [--step=best] [--split=test]   # needs matplotlib
 
-Evaluation and prediction read the config the run saved in its workdir.
+Evaluation, prediction and reports read the config the run saved in its workdir.
 """
 
 from __future__ import annotations
@@ -31,11 +32,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.",
                                required=True)
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict"], "What to do.")
-_STEP = flags.DEFINE_string("step", "best", "evaluate/predict: 'best', 'latest' or a step.")
-_SPLIT = flags.DEFINE_string("split", None, "evaluate: split to score (default: the test split).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None,
-                                "evaluate: dataset to score (default: the training dataset).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "report"],
+                          "What to do.")
+_STEP = flags.DEFINE_string("step", "best",
+                            "evaluate/predict/report: 'best', 'latest' or a step.")
+_SPLIT = flags.DEFINE_string("split", None,
+                             "evaluate/report: split to score (default: the test split).")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "evaluate/report: dataset to score (default: the training dataset).")
 _IMAGES = flags.DEFINE_list("images", [], "predict: image files, folders or globs.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "predict: genres to list (default: config.top_k).")
 _FORMAT = flags.DEFINE_enum("format", "table", ["table", "json", "csv"], "predict: output format.")
@@ -111,6 +115,16 @@ def main(argv):
                                            data_dir=_DATA_DIR.value)
     if jax.process_index() == 0:
       print(evaluate.format_report(summary))
+  elif _MODE.value == "report":
+    from poster_cnn import report
+    try:
+      out_dir = report.write_report(workdir, step=_STEP.value, split=_SPLIT.value,
+                                    data_dir=_DATA_DIR.value)
+    except report.MatplotlibMissing as e:
+      sys.exit(f"error: {e}")
+    if out_dir is not None:
+      print(f"report: {os.path.join(out_dir, 'report.html')}\n"
+            f"        {os.path.join(out_dir, 'report.md')}")
   else:
     from poster_cnn import predict
     if not _IMAGES.value:

@@ -248,6 +248,36 @@ def mean_average_precision(scores, labels, mask=None, average: str = "macro") ->
   return float(np.sum(ap[has] * weights[has]) / weights.sum())
 
 
+def precision_recall_curve(scores, labels, mask=None
+                           ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+  """Per-class precision-recall curves, each equal to sklearn's `precision_recall_curve`.
+
+  Args:
+    scores: float (N, K).
+    labels: {0, 1} (N, K).
+    mask: optional (N,); 0 marks padding rows to ignore.
+
+  Returns:
+    A list of K entries (precision, recall, thresholds): float64 (m + 1,),
+    float64 (m + 1,) and float64 (m,) with m the class's distinct scores;
+    thresholds increase, recall decreases, and the last point is
+    (precision 1, recall 0), as in sklearn. None for a class without
+    positives, where recall is undefined (sklearn warns and sets it to 1).
+  """
+  scores, labels = _prepare(scores, labels, mask)
+  curves = []
+  for c in range(scores.shape[1]):
+    thr, tps, fps = _curve(scores[:, c], labels[:, c])
+    if tps.size == 0 or tps[-1] == 0:
+      curves.append(None)
+      continue
+    # Every point predicts at least one example, so tps + fps > 0.
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    curves.append((np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], thr[::-1].copy()))
+  return curves
+
+
 # ---------------------------------------------------------------- thresholds
 
 

@@ -26,7 +26,7 @@ def test_synthetic_posters_to_predictions(tmp_path):
        f"--workdir={run}")
   out = _run("poster_cnn.main", "--mode=evaluate", f"--workdir={run}").stdout
   assert "macro_map" in out
-  [result] = [f for f in os.listdir(run) if f.startswith("eval_test_step")]
+  [result] = [f for f in os.listdir(run) if f.startswith("eval_test_step") and f.endswith(".json")]
   summary = json.loads((run / result).read_text())
   assert summary["vocabulary"][:2] == ["action", "adventure"]
   assert 25 <= summary["num_examples"] <= 40

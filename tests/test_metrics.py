@@ -111,6 +111,31 @@ def test_ap_of_hand_case():
   np.testing.assert_allclose(ap, [0.5])
 
 
+def test_precision_recall_curve_matches_sklearn(case):
+  scores, labels = case
+  curves = metrics.precision_recall_curve(scores, labels)
+  assert len(curves) == labels.shape[1] and curves[0] is None  # column 0: no positives
+  for c in range(1, labels.shape[1]):
+    want = skm.precision_recall_curve(labels[:, c], scores[:, c])
+    for got, expected in zip(curves[c], want):
+      np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_precision_recall_curve_hand_case():
+  # ranking: + (0.9), - and + tied (0.5), - (0.2); 2 positives
+  (p, r, t), = metrics.precision_recall_curve([[0.9], [0.5], [0.5], [0.2]],
+                                              [[1], [0], [1], [0]])
+  np.testing.assert_allclose(t, [0.2, 0.5, 0.9])
+  np.testing.assert_allclose(p, [2 / 4, 2 / 3, 1, 1])
+  np.testing.assert_allclose(r, [1, 1, 1 / 2, 0])
+  # padding rows are dropped first
+  (p, r, t), = metrics.precision_recall_curve([[0.9], [0.1], [0.3]], [[1], [1], [0]],
+                                              mask=[1, 0, 1])
+  np.testing.assert_allclose(t, [0.3, 0.9])
+  np.testing.assert_allclose(p, [1 / 2, 1, 1])
+  np.testing.assert_allclose(r, [1, 1, 0])
+
+
 # ---------------------------------------------------------------- thresholds
 
 
