@@ -29,6 +29,11 @@ def get_config() -> ml_collections.ConfigDict:
       dense_dropout=0.5,
       bn_momentum=0.99,
       bn_epsilon=1e-3,
+      # How the 3x3 convolutions are computed (same parameters, same results):
+      # 'auto' (im2col on CPU, nn.Conv elsewhere), 'xla' (nn.Conv), 'im2col',
+      # 'xla_wgrad_im2col', 'xla_wgrad_taps'; see poster_cnn/model.py and
+      # docs/BENCHMARKS.md.
+      conv_impl="auto",
   ))
   c.dtype = "float32"  # computation dtype: 'float32' or 'bfloat16'
 

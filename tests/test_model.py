@@ -55,3 +55,78 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   variables = m.init(jax.random.key(0), x, train=False)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
   assert m.apply(variables, x, train=False).dtype == jnp.float32
+
+
+# ---------------------------------------------------------------- conv formulations
+
+import flax.linen as nn  # noqa: E402
+import pytest  # noqa: E402
+
+_CONV_IMPLS = [i for i in model_lib.CONV_IMPLS if i != "xla"]
+
+
+@pytest.mark.parametrize("impl", _CONV_IMPLS)
+@pytest.mark.parametrize("cin,cout", [(3, 16), (16, 32), (5, 7)])
+def test_conv3x3_matches_nn_conv_outputs_and_gradients(impl, cin, cout):
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, cin))
+  ref = nn.Conv(cout, (3, 3), padding="SAME")
+  new = model_lib.Conv3x3(cout, impl)
+  params = ref.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias too
+  assert jax.tree.map(jnp.shape, new.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
+  np.testing.assert_allclose(new.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+
+  def grads(m):
+    return jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1))(params, x)
+
+  for got, want in zip(jax.tree.leaves(grads(new)), jax.tree.leaves(grads(ref))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("impl", _CONV_IMPLS)
+def test_conv_impls_share_params_and_outputs_in_the_paper_model(impl):
+  x = jax.random.randint(jax.random.key(1), (4, 32, 32, 3), 0, 256).astype(jnp.uint8)
+  ref = _tiny_model()
+  new = model_lib.PosterCNN(num_classes=3, conv_features=(4, 4, 8, 8), dense_features=(8, 8),
+                            conv_impl=impl)
+  variables = ref.init(jax.random.key(0), x, train=False)
+  # Same names, shapes and initial values: checkpoints are interchangeable.
+  new_variables = new.init(jax.random.key(0), x, train=False)
+  assert jax.tree.structure(new_variables) == jax.tree.structure(variables)
+  jax.tree.map(np.testing.assert_array_equal, new_variables, variables)
+
+  def loss(m, params):
+    logits, _ = m.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                        rngs={"dropout": jax.random.key(2)})
+    return jnp.sum(logits**2)
+
+  (l_new, g_new), (l_ref, g_ref) = (jax.value_and_grad(lambda p, m=m: loss(m, p))(
+      variables["params"]) for m in (new, ref))
+  np.testing.assert_allclose(l_new, l_ref, rtol=1e-4)
+  for got, want in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * float(jnp.abs(want).max()))
+
+
+def test_paper_model_parameter_count_is_the_same_for_every_conv_impl():
+  config = default.get_config()
+  for impl in model_lib.CONV_IMPLS:
+    config.model.conv_impl = impl
+    m = model_lib.create_model(config, num_classes=13)
+    assert m.conv_impl == impl
+    shapes = jax.eval_shape(lambda m=m: m.init(jax.random.key(0),
+                                               jnp.zeros((1, 224, 224, 3), jnp.uint8),
+                                               train=False))
+    assert _count(shapes["params"]) == 3_328_013
+
+
+def test_auto_conv_impl_is_im2col_on_cpu_and_nn_conv_elsewhere():
+  assert model_lib.resolve_conv_impl("auto", "cpu") == "im2col"
+  assert model_lib.resolve_conv_impl("auto", "gpu") == "xla"
+  assert model_lib.resolve_conv_impl("auto", "tpu") == "xla"
+  assert model_lib.resolve_conv_impl("xla_wgrad_taps", "cpu") == "xla_wgrad_taps"
+  assert model_lib.create_model(default.get_config(), 13).conv_impl == "im2col"  # tests run on CPU
+
+
+def test_unknown_conv_impl_is_rejected():
+  with pytest.raises(ValueError, match="conv impl"):
+    model_lib.Conv3x3(4, "nope").init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
