@@ -47,7 +47,7 @@ def create_manager(workdir: str | os.PathLike, *, keep: int = 3,
   options = ocp.CheckpointManagerOptions(
       best_fn=_best_fn, best_mode="max", preservation_policy=policy,
       enable_async_checkpointing=not read_only, read_only=read_only,
-      create=not read_only)
+      create=not read_only, save_interval_steps=0 if read_only else 1)
   return ocp.CheckpointManager(
       checkpoint_dir(workdir), options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),

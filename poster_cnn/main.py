@@ -88,11 +88,14 @@ def _write_predictions(predictions: list[dict]) -> str:
 
 
 class _QuietLibraries:
-  """Drops orbax's and grain's INFO chatter (several lines per checkpoint)."""
+  """Drops orbax's and grain's INFO chatter (several lines per checkpoint), and
+  orbax's warning that a manager opened read-only (as evaluation means it to be)."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= pylogging.WARNING or not any(
-        f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain"))
+    if not any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain")):
+      return True
+    return (record.levelno >= pylogging.WARNING
+            and not str(record.msg).startswith("Given directory is read only"))
 
 
 def main(argv):

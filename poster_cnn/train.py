@@ -343,10 +343,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           logging.info("step %d  %s macro mAP %.4f  micro mAP %.4f  F1@top%d %.4f", step,
                        config.eval_split, last_eval["macro_map"], last_eval["micro_map"],
                        config.top_k, last_eval.get(f"f1_top{config.top_k}", float("nan")))
-          window_start = time.perf_counter()
         if evaluate_now or step % ckpt_every == 0 or preemption.requested:
           checkpoint.save(manager, step, state, train_iter,
                           metrics=_checkpoint_metrics(last_eval) if evaluate_now else None)
+        if evaluate_now:
+          # img/s and ETA measure training alone: the next window starts here, with
+          # the steps before the evaluation (already waited for) left out of it.
+          window_start, window_steps = time.perf_counter(), 0
         if preemption.requested:
           logging.warning("stopping at step %d after preemption", step)
           break

@@ -25,7 +25,10 @@ Batches are dicts of host-local numpy arrays:
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
+import gc
 import io
 import os
 
@@ -152,6 +155,34 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
+@functools.cache
+def _release_shared_memory_at_exit() -> None:
+  """Unlinks the workers' batch buffers before the interpreter exits.
+
+  Batches come from the workers in shared memory that grain unlinks on a
+  background thread as the arrays are freed; a process exiting before that
+  thread catches up leaves the unlinking to multiprocessing's resource tracker,
+  which does it but warns of "leaked shared_memory objects". The thread pool is
+  grain internals, hence the guarded lookup: should it move, the only cost is
+  the warning again.
+  """
+
+  def release():
+    gc.collect()  # frees the arrays still referenced only by cycles
+    try:
+      from grain._src.python.ipc import shared_memory_array
+      pool = shared_memory_array.SharedMemoryArray._del_thread_pool
+    except (ImportError, AttributeError):
+      return
+    if pool is not None:
+      pool.close()
+      pool.join()
+      # Arrays freed later in shutdown are then unlinked synchronously.
+      shared_memory_array.SharedMemoryArray._del_thread_pool = None
+
+  atexit.register(release)
+
+
 def _multiprocess(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   if num_workers <= 0:
     return ds
@@ -159,6 +190,7 @@ def _multiprocess(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   # (notebooks, tests, library use) they were never parsed, so take defaults.
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+  _release_shared_memory_at_exit()
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
