@@ -155,6 +155,16 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
+def _read_options(batch: int) -> grain.ReadOptions:
+  """Decoding threads and a read-ahead of two batches of decoded examples.
+
+  The read-ahead is per process (the main one, or each worker): grain's default,
+  500 elements, would hold 500 decoded posters (75 MB at 224x224) or, placed
+  after batching, 500 batches (2.4 GB at batch 32).
+  """
+  return grain.ReadOptions(num_threads=16, prefetch_buffer_size=2 * batch)
+
+
 @functools.cache
 def _release_shared_memory_at_exit() -> None:
   """Unlinks the workers' batch buffers before the interpreter exits.
@@ -217,8 +227,8 @@ def train_dataset(data_dir: str | os.PathLike, split: str, *, global_batch_size:
     ds = ds.random_map(ParseDecodeAugment(image), seed=seed + 1)
   else:
     ds = ds.map(ParseAndDecode(image))
-  ds = ds.batch(batch, drop_remainder=True).map(_add_train_fields)
-  return _multiprocess(ds.to_iter_dataset(), num_workers)
+  ds = ds.to_iter_dataset(_read_options(batch)).batch(batch, drop_remainder=True)
+  return _multiprocess(ds.map(_add_train_fields), num_workers)
 
 
 class _PaddedLookup(grain.transforms.Map):
@@ -255,8 +265,8 @@ def eval_dataset(data_dir: str | os.PathLike, split: str, *, global_batch_size: 
   num_batches = -(-per_process // batch)
   ds = grain.MapDataset.range(num_batches * batch).map(
       _PaddedLookup(source, image, meta.num_classes, process_index, process_count))
-  ds = ds.batch(batch)
-  return _multiprocess(ds.to_iter_dataset(), num_workers)
+  ds = ds.to_iter_dataset(_read_options(batch)).batch(batch)
+  return _multiprocess(ds, num_workers)
 
 
 def eval_num_batches(data_dir: str | os.PathLike, split: str, *,
