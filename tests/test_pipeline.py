@@ -170,3 +170,27 @@ def test_worker_batches_leave_no_shared_memory_behind_at_exit(tiny_dataset):
   assert result.returncode == 0, result.stderr
   assert "leaked shared_memory" not in result.stderr
   assert "Exception ignored" not in result.stderr
+
+
+def test_read_ahead_is_a_few_batches_not_the_dataset(tiny_dataset, monkeypatch):
+  # A slow consumer (the train step) must not let decoded images pile up.
+  import threading
+  import time
+  decoded = 0
+  lock = threading.Lock()
+  real = pipeline.decode_image
+
+  def counting(*args, **kwargs):
+    nonlocal decoded
+    with lock:
+      decoded += 1
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(pipeline, "decode_image", counting)
+  it = iter(pipeline.train_dataset(tiny_dataset, "train", global_batch_size=4, image=OPTS,
+                                   seed=0, num_workers=0))
+  next(it)
+  time.sleep(1.0)
+  # One batch taken, two batches read ahead, plus what the 16 threads hold.
+  assert decoded <= 4 + 2 * 4 + 16, decoded
+  it.close()
