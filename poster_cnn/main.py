@@ -30,8 +30,9 @@ if os.path.isdir(os.path.join(_REPO, "configs")) and _REPO not in sys.path:
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (configs/*.py); not needed to evaluate or predict.",
     lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.",
-                               required=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, logs and results; for evaluate/predict/report "
+    "also one of its checkpoints, WORKDIR/checkpoints/STEP.", required=True)
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict", "report"],
                           "What to do.")
 _STEP = flags.DEFINE_string("step", "best",
@@ -105,7 +106,13 @@ def main(argv):
   _initialize_distributed()
   logging.info("JAX process %d/%d, %d local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.local_devices())
-  workdir = _WORKDIR.value
+  workdir, step = _WORKDIR.value, _STEP.value
+  if _MODE.value != "train":
+    from poster_cnn import checkpoint
+    try:
+      workdir, step = checkpoint.locate(workdir, step)
+    except ValueError as e:
+      raise app.UsageError(f"--workdir: {e}") from None
 
   if _MODE.value == "train":
     from poster_cnn import train
@@ -114,14 +121,14 @@ def main(argv):
     train.train_and_evaluate(_CONFIG.value, workdir)
   elif _MODE.value == "evaluate":
     from poster_cnn import evaluate
-    summary = evaluate.evaluate_checkpoint(workdir, step=_STEP.value, split=_SPLIT.value,
+    summary = evaluate.evaluate_checkpoint(workdir, step=step, split=_SPLIT.value,
                                            data_dir=_DATA_DIR.value)
     if jax.process_index() == 0:
       print(evaluate.format_report(summary))
   elif _MODE.value == "report":
     from poster_cnn import report
     try:
-      out_dir = report.write_report(workdir, step=_STEP.value, split=_SPLIT.value,
+      out_dir = report.write_report(workdir, step=step, split=_SPLIT.value,
                                     data_dir=_DATA_DIR.value)
     except report.MatplotlibMissing as e:
       sys.exit(f"error: {e}")
@@ -132,7 +139,7 @@ def main(argv):
     from poster_cnn import predict
     if not _IMAGES.value:
       raise app.UsageError("--images is required to predict")
-    predictions, errors = predict.predict_files(workdir, _IMAGES.value, step=_STEP.value,
+    predictions, errors = predict.predict_files(workdir, _IMAGES.value, step=step,
                                                 top_k=_TOP_K.value)
     text = _write_predictions(predictions)
     if _OUTPUT.value:

@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from poster_cnn import checkpoint, logs, metrics, model as model_lib, optimizer
 from poster_cnn.data import pipeline, records
 
-RUN_INFO_FILE = "run_info.json"
+RUN_INFO_FILE = checkpoint.RUN_INFO_FILE
 DATA_AXIS = "data"
 
 

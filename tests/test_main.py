@@ -60,4 +60,25 @@ def test_bad_flags_are_reported(tiny_dataset, tmp_path):
               f"--workdir={tmp_path}/w", check=False)
   assert proc.returncode != 0 and "dataset_info.json not found" in proc.stderr
   proc = _run("--mode=evaluate", f"--workdir={tmp_path}/nothing", check=False)
-  assert proc.returncode != 0 and "run_info.json not found" in proc.stderr
+  assert proc.returncode != 0 and "no run_info.json in" in proc.stderr
+
+
+def test_evaluate_a_checkpoint_directory(trained):
+  out = _run("--mode=evaluate", f"--workdir={trained}/checkpoints/6", "--split=validation").stdout
+  assert "macro_map" in out
+  assert json.loads((trained / "eval_validation_step6.json").read_text())["step"] == 6
+
+
+def test_locate_reads_workdirs_and_checkpoint_paths(tmp_path):
+  from poster_cnn import checkpoint
+  (tmp_path / "checkpoints" / "40").mkdir(parents=True)
+  (tmp_path / "run_info.json").write_text("{}")
+  assert checkpoint.locate(tmp_path) == (str(tmp_path), "best")
+  assert checkpoint.locate(tmp_path, "latest") == (str(tmp_path), "latest")
+  assert checkpoint.locate(tmp_path / "checkpoints", 7) == (str(tmp_path), 7)
+  assert checkpoint.locate(tmp_path / "checkpoints" / "40") == (str(tmp_path), 40)
+  assert checkpoint.locate(tmp_path / "checkpoints" / "40", "40") == (str(tmp_path), 40)
+  with pytest.raises(ValueError, match="checkpoint of step 40"):
+    checkpoint.locate(tmp_path / "checkpoints" / "40", "latest")
+  with pytest.raises(ValueError, match="neither a training workdir"):
+    checkpoint.locate(tmp_path / "checkpoints" / "40" / "state")
