@@ -7,6 +7,7 @@ import textwrap
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -37,6 +38,26 @@ def test_loss_falls_and_checkpoints_and_logs_are_written(tiny_dataset, tmp_path)
   assert os.listdir(tmp_path / "tensorboard")
   manager = checkpoint.create_manager(tmp_path, read_only=True)
   assert manager.latest_step() == 40 and manager.best_step() in (20, 40)
+
+
+def test_bfloat16_compute_trains_with_float32_params_and_statistics(tiny_dataset):
+  c = _config(tiny_dataset, dtype="bfloat16")
+  c.optimizer.learning_rate = 3e-3
+  mesh = train.create_mesh()
+  init, _, _ = train.state_factory(c, 4, 30, mesh)
+  state = init()
+  train_fn, _ = train.jit_steps(state, mesh)
+  it = iter(pipeline.train_dataset(tiny_dataset, "train", global_batch_size=8,
+                                   image=train.image_options(c), seed=0))
+  losses = []
+  for _ in range(30):
+    state, m = train_fn(state, train.global_batch(next(it), mesh))
+    losses.append(float(m["loss"]))
+  assert np.isfinite(losses).all()
+  assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5]), losses
+  for tree in (state.params, state.batch_stats, state.opt_state):
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(tree)
+               if jnp.issubdtype(x.dtype, jnp.floating))
 
 
 def test_train_step_compiles_once(tiny_dataset):
