@@ -40,19 +40,25 @@ def test_loss_falls_and_checkpoints_and_logs_are_written(tiny_dataset, tmp_path)
   assert manager.latest_step() == 40 and manager.best_step() in (20, 40)
 
 
+def _train_steps(config, data_dir, steps: int):
+  """`steps` jitted train steps from a fresh state; returns (state, losses, train_fn)."""
+  mesh = train.create_mesh()
+  init, _, _ = train.state_factory(config, 4, steps, mesh)
+  state = init()
+  train_fn, _ = train.jit_steps(state, mesh)
+  it = iter(pipeline.train_dataset(data_dir, "train", global_batch_size=8,
+                                   image=train.image_options(config), seed=0))
+  losses = []
+  for _ in range(steps):
+    state, m = train_fn(state, train.global_batch(next(it), mesh))
+    losses.append(float(m["loss"]))
+  return state, losses, train_fn
+
+
 def test_bfloat16_compute_trains_with_float32_params_and_statistics(tiny_dataset):
   c = _config(tiny_dataset, dtype="bfloat16")
   c.optimizer.learning_rate = 3e-3
-  mesh = train.create_mesh()
-  init, _, _ = train.state_factory(c, 4, 30, mesh)
-  state = init()
-  train_fn, _ = train.jit_steps(state, mesh)
-  it = iter(pipeline.train_dataset(tiny_dataset, "train", global_batch_size=8,
-                                   image=train.image_options(c), seed=0))
-  losses = []
-  for _ in range(30):
-    state, m = train_fn(state, train.global_batch(next(it), mesh))
-    losses.append(float(m["loss"]))
+  state, losses, _ = _train_steps(c, tiny_dataset, 30)
   assert np.isfinite(losses).all()
   assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5]), losses
   for tree in (state.params, state.batch_stats, state.opt_state):
@@ -61,16 +67,7 @@ def test_bfloat16_compute_trains_with_float32_params_and_statistics(tiny_dataset
 
 
 def test_train_step_compiles_once(tiny_dataset):
-  c = _config(tiny_dataset)
-  mesh = train.create_mesh()
-  init, _, _ = train.state_factory(c, 4, 10, mesh)
-  state = init()
-  train_fn, _ = train.jit_steps(state, mesh)
-  it = iter(pipeline.train_dataset(tiny_dataset, "train", global_batch_size=8,
-                                   image=train.image_options(c), seed=0))
-  for _ in range(4):
-    state, m = train_fn(state, train.global_batch(next(it), mesh))
-  float(m["loss"])
+  _, _, train_fn = _train_steps(_config(tiny_dataset), tiny_dataset, 4)
   assert train_fn._cache_size() == 1
 
 
