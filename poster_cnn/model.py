@@ -112,6 +112,56 @@ def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
   return "im2col" if (backend or jax.default_backend()) == "cpu" else "xla"
 
 
+# ---------------------------------------------------------------- 2x2 max pooling
+#
+# nn.max_pool's gradient is XLA's select-and-scatter, which on CPU took about 40%
+# of the paper model's train step (docs/BENCHMARKS.md). Pooling over the four
+# strided quadrants instead, with a gradient written as elementwise selects, gives
+# the same values and bitwise the same gradient (ties go to the first element of
+# the window in row-major order, as select-and-scatter does) in a few fused loops.
+
+
+def _quadrants(x):
+  """(B, H, W, C) -> four (B, H//2, W//2, C) views: window elements (0,0), (0,1), (1,0), (1,1).
+  An odd last row or column is dropped, as 'VALID' pooling does."""
+  b, h, w, c = x.shape
+  x = x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+  return x[:, :, 0, :, 0], x[:, :, 0, :, 1], x[:, :, 1, :, 0], x[:, :, 1, :, 1]
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
+  """nn.max_pool(x, (2, 2), strides=(2, 2)): (B, H, W, C) -> (B, H//2, W//2, C), any float dtype."""
+  a, b, c, d = _quadrants(x)
+  return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+
+
+def _max_pool_fwd(x):
+  y = max_pool_2x2(x)
+  return y, (x, y)
+
+
+def _max_pool_bwd(res, g):
+  x, y = res
+  a, b, c, d = _quadrants(x)
+  first = a == y
+  second = (b == y) & ~first
+  third = (c == y) & ~(first | second)
+  fourth = ~(first | second | third)
+  zero = jnp.zeros_like(g)
+  ga, gb, gc, gd = (jnp.where(m, g, zero) for m in (first, second, third, fourth))
+  n, h2, w2, ch = g.shape
+  # Interleave the quadrants back: (B, H/2, 2, W/2, 2, C) -> (B, H, W, C).
+  dx = jnp.stack([jnp.stack([ga, gb], 3), jnp.stack([gc, gd], 3)], 2).reshape(n, 2 * h2, 2 * w2, ch)
+  h, w = x.shape[1:3]
+  if (h, w) != (2 * h2, 2 * w2):
+    dx = jnp.pad(dx, ((0, 0), (0, h - 2 * h2), (0, w - 2 * w2), (0, 0)))
+  return (dx,)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 class Conv3x3(nn.Module):
   """nn.Conv(features, (3, 3), padding='SAME') with a choice of formulation.
 
@@ -162,7 +212,7 @@ class PosterCNN(nn.Module):
         conv = Conv3x3(features, self.conv_impl, self.dtype, name=f"Conv_{i}")
       x = nn.relu(conv(x))
       x = norm()(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
       if rate:
         x = nn.Dropout(rate, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))

@@ -130,3 +130,26 @@ def test_auto_conv_impl_is_im2col_on_cpu_and_nn_conv_elsewhere():
 def test_unknown_conv_impl_is_rejected():
   with pytest.raises(ValueError, match="conv impl"):
     model_lib.Conv3x3(4, "nope").init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+
+
+# ---------------------------------------------------------------- max pooling
+
+def _nn_max_pool(x):
+  return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 4), (1, 2, 2, 1)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_max_pool_2x2_matches_nn_max_pool_values_and_gradients_with_ties(shape, dtype):
+  # Rounded ReLU outputs: many windows hold equal maxima (zeros, or repeated values),
+  # where the gradient must go to the first element of the window as nn.max_pool's does.
+  x = jnp.round(jax.nn.relu(jax.random.normal(jax.random.key(0), shape)), 1).astype(dtype)
+  np.testing.assert_array_equal(model_lib.max_pool_2x2(x), _nn_max_pool(x))
+  weights = jax.random.normal(jax.random.key(1), _nn_max_pool(x).shape).astype(dtype)
+
+  def grad(pool):
+    return jax.grad(lambda x: jnp.sum(pool(x) * weights).astype(jnp.float32))(x)
+
+  got, want = grad(model_lib.max_pool_2x2), grad(_nn_max_pool)
+  assert got.dtype == want.dtype
+  np.testing.assert_array_equal(got, want)
