@@ -36,7 +36,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from poster_cnn import model as model_lib, train  # noqa: E402
+from poster_cnn import losses, model as model_lib, train  # noqa: E402
 
 ALLOCATORS = {
     "default": None,
@@ -79,7 +79,7 @@ class _Variant:
       rngs = {"dropout": jax.random.key(0)}
       logits, _ = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
                                  batch["image"], train=True, mutable=["batch_stats"], rngs=rngs)
-      return train.bce_loss(logits, batch["labels"], batch["mask"])
+      return losses.multilabel_loss(logits, batch["labels"], batch["mask"])
 
     self.fwd = jax.jit(lambda s, b: loss(s.params, s, b))
     self.fwd_bwd = jax.jit(lambda s, b: jax.value_and_grad(loss)(s.params, s, b))

@@ -22,11 +22,18 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   c.model = ml_collections.ConfigDict(dict(
-      name="paper_cnn",
+      name="paper_cnn",  # 'paper_cnn' or 'resnet'; each reads its own fields below
+      # paper_cnn:
       conv_features=(16, 32, 64, 128),
       conv_dropout=(0.1, 0.0, 0.2, 0.0),
       dense_features=(128, 128),
       dense_dropout=0.5,
+      # resnet:
+      stem_features=16,
+      stage_features=(32, 64, 128, 256),
+      blocks_per_stage=(1, 1, 1, 1),
+      head_dropout=0.2,
+      # both:
       bn_momentum=0.99,
       bn_epsilon=1e-3,
       # How the 3x3 convolutions are computed (same parameters, same results):
@@ -34,6 +41,13 @@ def get_config() -> ml_collections.ConfigDict:
       # 'xla_wgrad_im2col', 'xla_wgrad_taps'; see poster_cnn/model.py and
       # docs/BENCHMARKS.md.
       conv_impl="auto",
+  ))
+  # The paper's binary cross-entropy unless changed (poster_cnn/losses.py).
+  c.loss = ml_collections.ConfigDict(dict(
+      pos_weight_power=0.0,  # positives of genre k weigh ((N - P_k) / P_k) ** power
+      max_pos_weight=50.0,
+      gamma=0.0,  # focal loss exponent; 0 = plain cross-entropy
+      label_smoothing=0.0,
   ))
   c.dtype = "float32"  # computation dtype: 'float32' or 'bfloat16'
 

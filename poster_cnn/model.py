@@ -172,6 +172,7 @@ class Conv3x3(nn.Module):
   features: int
   impl: str = "xla"
   dtype: Dtype = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -179,9 +180,21 @@ class Conv3x3(nn.Module):
       raise ValueError(f"unknown conv impl {self.impl!r}; known: {sorted(CONV_IMPLS)}")
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (3, 3, x.shape[-1], self.features), jnp.float32)
+    if not self.use_bias:
+      x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+      return CONV_IMPLS[self.impl](x, kernel)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     return CONV_IMPLS[self.impl](x, kernel) + bias
+
+
+def conv3x3(features: int, impl: str, dtype: Dtype, use_bias: bool = True,
+            name: str | None = None) -> nn.Module:
+  """A 3x3 'SAME' convolution: nn.Conv itself for impl 'xla', else `Conv3x3` with the same
+  parameters. Give it a name so checkpoints do not depend on the impl."""
+  if impl == "xla":
+    return nn.Conv(features, (3, 3), padding="SAME", use_bias=use_bias, dtype=dtype, name=name)
+  return Conv3x3(features, impl, dtype, use_bias, name=name)
 
 
 class PosterCNN(nn.Module):
@@ -206,11 +219,8 @@ class PosterCNN(nn.Module):
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                                 epsilon=self.bn_epsilon, dtype=self.dtype)
     for i, (features, rate) in enumerate(zip(self.conv_features, self.conv_dropout)):
-      if self.conv_impl == "xla":
-        conv = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype)
-      else:  # the name nn.Conv gets, so the parameter trees are the same
-        conv = Conv3x3(features, self.conv_impl, self.dtype, name=f"Conv_{i}")
-      x = nn.relu(conv(x))
+      # Conv_i: the names nn.Conv gets by default, as in checkpoints written before `impl`.
+      x = nn.relu(conv3x3(features, self.conv_impl, self.dtype, name=f"Conv_{i}")(x))
       x = norm()(x)
       x = max_pool_2x2(x)
       if rate:
@@ -224,6 +234,64 @@ class PosterCNN(nn.Module):
     return x.astype(jnp.float32)
 
 
+class ResidualBlock(nn.Module):
+  """Two 3x3 convolutions with BatchNorm and an identity (or 1x1 projection) shortcut."""
+
+  features: int
+  norm: Any  # () -> a BatchNorm module
+  conv_impl: str = "xla"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    conv = lambda name: conv3x3(self.features, self.conv_impl, self.dtype, False, name)
+    y = nn.relu(self.norm()(conv("conv1")(x)))
+    # The residual branch starts at zero: each block begins as the identity.
+    y = self.norm(scale_init=nn.initializers.zeros_init())(conv("conv2")(y))
+    if x.shape[-1] != self.features:
+      x = self.norm()(nn.Dense(self.features, use_bias=False, dtype=self.dtype,
+                               name="projection")(x))
+    return nn.relu(x + y)
+
+
+class PosterResNet(nn.Module):
+  """A small ResNet for posters: a 3x3 stem, then per stage a 2x2 max pool and residual
+  blocks, global average pooling, dropout and a linear head.
+
+  Downsampling by pooling (not strided convolutions) keeps every convolution a 3x3
+  'SAME' one, so the fast CPU formulations of `Conv3x3` apply to all of them. Global
+  average pooling replaces the paper's 3.2M-parameter flatten-and-dense head.
+  """
+
+  num_classes: int = 13
+  stem_features: int = 16
+  stage_features: Sequence[int] = (32, 64, 128, 256)
+  blocks_per_stage: Sequence[int] = (1, 1, 1, 1)
+  head_dropout: float = 0.2
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  conv_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, images: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """uint8 or float (batch, height, width, 3) in [0, 255] -> float32 logits (batch, num_classes)."""
+    if len(self.blocks_per_stage) != len(self.stage_features):
+      raise ValueError("blocks_per_stage needs one count per stage")
+    norm = lambda **kw: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                                     epsilon=self.bn_epsilon, dtype=self.dtype, **kw)
+    x = images.astype(self.dtype) / 255.0
+    x = conv3x3(self.stem_features, self.conv_impl, self.dtype, False, "stem")(x)
+    x = nn.relu(norm()(x))
+    for features, blocks in zip(self.stage_features, self.blocks_per_stage):
+      x = max_pool_2x2(x)
+      for _ in range(blocks):
+        x = ResidualBlock(features, norm, self.conv_impl, self.dtype)(x)
+    x = x.mean(axis=(1, 2))
+    x = nn.Dropout(self.head_dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
 def create_model(config, num_classes: int, dtype: Dtype = jnp.float32) -> nn.Module:
   """The model a config's `model` section names."""
   m = config.model
@@ -234,4 +302,11 @@ def create_model(config, num_classes: int, dtype: Dtype = jnp.float32) -> nn.Mod
                      dense_dropout=m.dense_dropout, bn_momentum=m.bn_momentum,
                      bn_epsilon=m.bn_epsilon, dtype=dtype,
                      conv_impl=resolve_conv_impl(m.get("conv_impl", "auto")))
-  raise ValueError(f"unknown --config.model.name={m.name!r}; known: 'paper_cnn'")
+  if m.name == "resnet":
+    return PosterResNet(num_classes=num_classes, stem_features=m.stem_features,
+                        stage_features=tuple(m.stage_features),
+                        blocks_per_stage=tuple(m.blocks_per_stage),
+                        head_dropout=m.head_dropout, bn_momentum=m.bn_momentum,
+                        bn_epsilon=m.bn_epsilon, dtype=dtype,
+                        conv_impl=resolve_conv_impl(m.get("conv_impl", "auto")))
+  raise ValueError(f"unknown --config.model.name={m.name!r}; known: 'paper_cnn', 'resnet'")

@@ -29,7 +29,7 @@ from absl import logging
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from poster_cnn import checkpoint, logs, metrics, model as model_lib, optimizer
+from poster_cnn import checkpoint, logs, losses, metrics, model as model_lib, optimizer
 from poster_cnn.data import pipeline, records
 
 RUN_INFO_FILE = checkpoint.RUN_INFO_FILE
@@ -107,27 +107,21 @@ def state_factory(config, num_classes: int, total_steps: int, mesh: jax.sharding
   return jax.jit(init, out_shardings=shardings), abstract, schedule
 
 
-def bce_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean binary cross-entropy over genres and unmasked examples.
+def train_step(state: TrainState, batch: dict,
+               loss_fn: losses.LossFn = losses.multilabel_loss) -> tuple[TrainState, dict]:
+  """One optimizer step on a global batch; returns the new state and metrics.
 
-  logits float32 (B, K); labels uint8 (B, K); mask bool (B,).
+  `loss_fn(logits, labels, mask)` -> scalar; the paper's binary cross-entropy by default.
   """
-  per_example = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)).mean(-1)
-  weight = mask.astype(jnp.float32)
-  return (per_example * weight).sum() / jnp.maximum(weight.sum(), 1.0)
-
-
-def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-  """One optimizer step on a global batch; returns the new state and metrics."""
   dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-  def loss_fn(params):
+  def objective(params):
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"],
         train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-    return bce_loss(logits, batch["labels"], batch["mask"]), updates["batch_stats"]
+    return loss_fn(logits, batch["labels"], batch["mask"]), updates["batch_stats"]
 
-  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, batch_stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   return state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
@@ -139,13 +133,15 @@ def eval_step(state: TrainState, batch: dict) -> jax.Array:
   return jax.nn.sigmoid(logits)
 
 
-def jit_steps(state: TrainState, mesh: jax.sharding.Mesh):
+def jit_steps(state: TrainState, mesh: jax.sharding.Mesh,
+              loss_fn: losses.LossFn = losses.multilabel_loss):
   """The jitted train and eval steps, with shardings fixed so they compile once."""
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   data = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
   replicated = jax.NamedSharding(mesh, jax.P())
-  train = jax.jit(train_step, in_shardings=(state_sharding, data),
-                  out_shardings=(state_sharding, replicated), donate_argnums=0)
+  train = jax.jit(functools.partial(train_step, loss_fn=loss_fn),
+                  in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
+                  donate_argnums=0)
   evaluate = jax.jit(eval_step, in_shardings=(state_sharding, data), out_shardings=data)
   return train, evaluate
 
@@ -286,7 +282,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   init, abstract_state, schedule = state_factory(config, meta.num_classes, total_steps, mesh)
   state = init()
-  train_fn, eval_fn = jit_steps(state, mesh)
+  train_split = meta.splits[config.train_split]
+  loss_fn = losses.create_loss(config.loss, train_split.positives, train_split.num_examples)
+  train_fn, eval_fn = jit_steps(state, mesh, loss_fn)
 
   train_ds = pipeline.train_dataset(
       config.data_dir, config.train_split, global_batch_size=config.batch_size,

@@ -153,3 +153,56 @@ def test_max_pool_2x2_matches_nn_max_pool_values_and_gradients_with_ties(shape, 
   got, want = grad(model_lib.max_pool_2x2), grad(_nn_max_pool)
   assert got.dtype == want.dtype
   np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------- ResNet
+
+def _tiny_resnet(impl="xla"):
+  return model_lib.PosterResNet(num_classes=3, stem_features=4, stage_features=(4, 8),
+                                blocks_per_stage=(1, 2), conv_impl=impl)
+
+
+def test_resnet_blocks_start_as_the_identity_on_their_input():
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 8, 8, 4)))
+  block = model_lib.ResidualBlock(4, lambda **kw: nn.BatchNorm(use_running_average=True, **kw))
+  variables = block.init(jax.random.key(1), x)
+  np.testing.assert_allclose(block.apply(variables, x), x, rtol=1e-6)
+
+
+def test_resnet_parameters_and_outputs_are_the_same_for_every_conv_impl():
+  x = jax.random.randint(jax.random.key(1), (2, 32, 32, 3), 0, 256).astype(jnp.uint8)
+  ref = _tiny_resnet()
+  variables = ref.init(jax.random.key(0), x, train=False)
+  # Non-zero residual branches, so the second convolutions count too.
+  variables = jax.tree.map(lambda v: v + 0.05, variables)
+  want = ref.apply(variables, x, train=False)
+  assert want.shape == (2, 3) and want.dtype == jnp.float32
+  for impl in _CONV_IMPLS:
+    new = _tiny_resnet(impl)
+    assert jax.tree.structure(new.init(jax.random.key(0), x, train=False)) == \
+        jax.tree.structure(variables)
+    np.testing.assert_allclose(new.apply(variables, x, train=False), want, rtol=1e-4, atol=1e-4)
+
+
+def test_resnet_from_config_trains_its_batch_statistics():
+  config = default.get_config()
+  config.model.name = "resnet"
+  config.model.stage_features = (8, 16)
+  config.model.blocks_per_stage = (1, 1)
+  m = model_lib.create_model(config, num_classes=4)
+  assert isinstance(m, model_lib.PosterResNet) and m.conv_impl == "im2col"
+  x = jax.random.randint(jax.random.key(1), (4, 32, 32, 3), 0, 256).astype(jnp.uint8)
+  variables = m.init(jax.random.key(0), x, train=False)
+  logits, updates = m.apply(variables, x, train=True, mutable=["batch_stats"],
+                            rngs={"dropout": jax.random.key(2)})
+  assert logits.shape == (4, 4)
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), updates["batch_stats"],
+                         variables["batch_stats"])
+  assert all(jax.tree.leaves(changed))
+
+
+def test_unknown_model_name_lists_the_known_ones():
+  config = default.get_config()
+  config.model.name = "vit"
+  with pytest.raises(ValueError, match="'paper_cnn', 'resnet'"):
+    model_lib.create_model(config, num_classes=4)

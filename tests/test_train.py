@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from poster_cnn import checkpoint, logs, train
+from poster_cnn import checkpoint, evaluate, logs, train
 from poster_cnn.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +66,22 @@ def test_bfloat16_compute_trains_with_float32_params_and_statistics(tiny_dataset
   for tree in (state.params, state.batch_stats, state.opt_state):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(tree)
                if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def test_resnet_with_weighted_focal_loss_trains_end_to_end(tiny_dataset, tmp_path):
+  c = _config(tiny_dataset, num_train_steps=30, eval_every_steps=30, log_every_steps=5)
+  c.model.name = "resnet"
+  c.model.stem_features = 8
+  c.model.stage_features = (8, 16)
+  c.model.blocks_per_stage = (1, 1)
+  c.loss.pos_weight_power = 0.5
+  c.loss.gamma = 1.0
+  c.optimizer.learning_rate = 3e-3
+  train.train_and_evaluate(c, str(tmp_path))
+  rows = [r for r in logs.read_metrics(tmp_path) if r["split"] == "train"]
+  assert rows[-1]["loss"] < rows[0]["loss"], rows
+  summary = evaluate.evaluate_checkpoint(str(tmp_path), step="latest", split="validation")
+  assert summary["macro_map"] > summary["prior_macro_map"] + 0.1, summary
 
 
 def test_train_step_compiles_once(tiny_dataset):

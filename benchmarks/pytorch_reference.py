@@ -1,0 +1,91 @@
+"""The paper model's train step in PyTorch on the CPU: the reference for the JAX step.
+
+Not a dependency of poster_cnn: run it with a Python that has torch (for example a
+throwaway venv with `pip install torch numpy`). It builds the same network as
+`poster_cnn.model.PosterCNN` (same layers, widths, BatchNorm momentum/epsilon and
+dropout), channels-last, eager mode (the fastest PyTorch setting measured on a
+2-core CPU), with Adam (Keras' defaults) and binary cross-entropy on random uint8
+batches scaled to [0, 1] inside the step, as the JAX step does. Prints lines in
+the format of benchmarks/train_throughput.py:
+
+  train framework=pytorch-2.13.0 device=cpu threads=2 batch=32 image=224 step_ms=410.2 img_per_s=78.0
+
+Compare with the JAX step in the same run (the machine is shared; see
+docs/BENCHMARKS.md for the interleaved command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def paper_cnn(num_classes: int, image: int) -> nn.Module:
+  layers, cin = [], 3
+  for features, rate in zip((16, 32, 64, 128), (0.1, 0.0, 0.2, 0.0)):
+    # Keras momentum 0.99 is PyTorch momentum 0.01.
+    layers += [nn.Conv2d(cin, features, 3, padding=1), nn.ReLU(),
+               nn.BatchNorm2d(features, eps=1e-3, momentum=0.01), nn.MaxPool2d(2)]
+    if rate:
+      layers.append(nn.Dropout(rate))
+    cin = features
+  layers.append(nn.Flatten())
+  width = cin * (image // 16) ** 2
+  for features in (128, 128):
+    layers += [nn.Linear(width, features), nn.ReLU(),
+               nn.BatchNorm1d(features, eps=1e-3, momentum=0.01), nn.Dropout(0.5)]
+    width = features
+  layers.append(nn.Linear(width, num_classes))
+  return nn.Sequential(*layers)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--batch_sizes", default="32")
+  parser.add_argument("--image", type=int, default=224)
+  parser.add_argument("--num_classes", type=int, default=13)
+  parser.add_argument("--steps", type=int, default=5, help="Steps per timed window.")
+  parser.add_argument("--repeats", type=int, default=3, help="Timed windows; median printed.")
+  parser.add_argument("--channels_last", type=int, default=1)
+  args = parser.parse_args()
+
+  torch.manual_seed(0)
+  memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+  for batch_size in map(int, args.batch_sizes.split(",")):
+    model = paper_cnn(args.num_classes, args.image).to(memory_format=memory_format).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-7)
+    loss_fn = nn.BCEWithLogitsLoss()
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(
+        rng.integers(0, 256, (batch_size, 3, args.image, args.image), dtype=np.uint8)
+    ).contiguous(memory_format=memory_format)
+    labels = torch.from_numpy((rng.random((batch_size, args.num_classes)) < 0.2).astype(np.float32))
+
+    def step():
+      opt.zero_grad(set_to_none=True)
+      loss = loss_fn(model(images.float() / 255.0), labels)
+      loss.backward()
+      opt.step()
+      return loss.item()  # a host sync, as the JAX benchmark's block_until_ready
+
+    step()
+    windows = []
+    for _ in range(args.repeats):
+      t = time.perf_counter()
+      for _ in range(args.steps):
+        step()
+      windows.append((time.perf_counter() - t) / args.steps)
+    ms = statistics.median(windows) * 1e3
+    print(f"train framework=pytorch-{torch.__version__.split('+')[0]} device=cpu "
+          f"threads={torch.get_num_threads()} channels_last={args.channels_last} "
+          f"batch={batch_size} image={args.image} step_ms={ms:.1f} "
+          f"img_per_s={batch_size / ms * 1e3:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
