@@ -103,7 +103,7 @@ CONV_IMPLS = {
 def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
   """'auto' -> the fastest formulation measured on `backend` (default: JAX's).
 
-  On CPU 'im2col' trains the paper model about 1.2x faster than XLA's convolution
+  On CPU 'im2col' trains the paper model about 1.4x faster than XLA's convolution
   (benchmarks/conv_impl.py, docs/BENCHMARKS.md); on GPU and TPU the vendor
   convolutions win, so nn.Conv itself.
   """

@@ -206,3 +206,26 @@ def test_unknown_model_name_lists_the_known_ones():
   config.model.name = "vit"
   with pytest.raises(ValueError, match="'paper_cnn', 'resnet'"):
     model_lib.create_model(config, num_classes=4)
+
+
+# ---------------------------------------------------------------- every config builds
+
+import importlib  # noqa: E402
+import os  # noqa: E402
+
+_CONFIG_NAMES = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..",
+                                                                "configs"))
+                       if f.endswith(".py") and not f.startswith("_"))
+
+
+@pytest.mark.parametrize("name", _CONFIG_NAMES)
+def test_every_config_builds_its_model_and_loss(name):
+  from poster_cnn import losses, optimizer
+  config = importlib.import_module(f"configs.{name}").get_config()
+  m = model_lib.create_model(config, num_classes=15)
+  shape = (1, config.image.height, config.image.width, 3)
+  shapes = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros(shape, jnp.uint8),
+                                         train=False))
+  assert _count(shapes["params"]) > 0
+  losses.create_loss(config.loss, [10] * 15, 100)
+  optimizer.create_optimizer(config.optimizer, 100)
