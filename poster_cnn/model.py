@@ -12,6 +12,8 @@
 
 3,328,013 trainable parameters with 13 outputs at 224x224 ('same' padding;
 BatchNorm momentum 0.99 and epsilon 1e-3 as in Keras, where it was built).
+`PosterResNet` is a small ResNet with global average pooling, the better model
+on real posters (docs/RESULTS.md).
 
 Models take uint8 images and normalise them on the device, so the host ships
 a quarter of the bytes and the scaling fuses into the first convolution.
