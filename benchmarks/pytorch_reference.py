@@ -8,7 +8,8 @@ dropout), channels-last, eager mode (the fastest PyTorch setting measured on a
 batches scaled to [0, 1] inside the step, as the JAX step does. Prints lines in
 the format of benchmarks/train_throughput.py:
 
-  train framework=pytorch-2.13.0 device=cpu threads=2 batch=32 image=224 step_ms=410.2 img_per_s=78.0
+  train framework=pytorch-2.13.0 device=cpu threads=2 channels_last=1 batch=32 image=224
+        step_ms=711.4 img_per_s=45.0
 
 Compare with the JAX step in the same run (the machine is shared; see
 docs/BENCHMARKS.md for the interleaved command).

@@ -4,9 +4,9 @@ Traces a few train steps with `jax.profiler` (XLA's CPU runtime emits one event 
 executed op when --xla_cpu_enable_xprof_traceme is set, which this script does) and
 sums the op events of the trace by kind, e.g.
 
-  profile config=paper device=cpu batch=32 image=224 steps=3 op_ms_per_step=1101.1
-  op kind=dot ms_per_step=408.8 share=0.371
-  op kind=im2col ms_per_step=336.2 share=0.305
+  profile config=paper device=cpu batch=32 image=224 steps=3 op_ms_per_step=1081.4
+  op kind=dot ms_per_step=407.5 share=0.377
+  op kind=im2col ms_per_step=378.4 share=0.350
   ...
 
 Kinds come from XLA's fusion names: 'dot' (matmuls, YNNPACK or Eigen), 'conv'
@@ -61,7 +61,10 @@ _NOT_OPS = ("$", "Thunk", "PjRt", "Execute", "Pjit", "SlinkyThreadPool", "Common
 
 
 def op_kind(name: str) -> str:
-  """The kind of an XLA op from its (fusion) name, e.g. 'broadcast_add_fusion.3' -> 'elementwise+reduce'."""
+  """The kind of an XLA op from its (fusion) name.
+
+  E.g. 'broadcast_add_fusion' -> 'elementwise+reduce', 'ynn_fusion' -> 'dot'.
+  """
   for kind, pattern in _KINDS:
     if re.search(pattern, name):
       return kind
