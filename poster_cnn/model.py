@@ -23,6 +23,7 @@ collection and are only updated when `train=True`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -185,12 +186,11 @@ class Conv3x3(nn.Module):
       raise ValueError(f"unknown conv impl {self.impl!r}; known: {sorted(CONV_IMPLS)}")
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (3, 3, x.shape[-1], self.features), jnp.float32)
-    if not self.use_bias:
-      x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-      return CONV_IMPLS[self.impl](x, kernel)
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return CONV_IMPLS[self.impl](x, kernel) + bias
+    bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)  # None stays
+    y = CONV_IMPLS[self.impl](x, kernel)
+    return y if bias is None else y + bias
 
 
 def conv3x3(features: int, impl: str, dtype: Dtype, use_bias: bool = True,
@@ -200,6 +200,12 @@ def conv3x3(features: int, impl: str, dtype: Dtype, use_bias: bool = True,
   if impl == "xla":
     return nn.Conv(features, (3, 3), padding="SAME", use_bias=use_bias, dtype=dtype, name=name)
   return Conv3x3(features, impl, dtype, use_bias, name=name)
+
+
+def batch_norm(train: bool, momentum: float, epsilon: float, dtype: Dtype):
+  """nn.BatchNorm with a model's settings; call it with any further BatchNorm fields."""
+  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=momentum,
+                           epsilon=epsilon, dtype=dtype)
 
 
 class PosterCNN(nn.Module):
@@ -221,8 +227,7 @@ class PosterCNN(nn.Module):
     if len(self.conv_dropout) != len(self.conv_features):
       raise ValueError("conv_dropout needs one rate per conv block")
     x = images.astype(self.dtype) / 255.0
-    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                                epsilon=self.bn_epsilon, dtype=self.dtype)
+    norm = batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype)
     for i, (features, rate) in enumerate(zip(self.conv_features, self.conv_dropout)):
       # Conv_i: the names nn.Conv gets by default, as in checkpoints written before `impl`.
       x = nn.relu(conv3x3(features, self.conv_impl, self.dtype, name=f"Conv_{i}")(x))
@@ -243,7 +248,7 @@ class ResidualBlock(nn.Module):
   """Two 3x3 convolutions with BatchNorm and an identity (or 1x1 projection) shortcut."""
 
   features: int
-  norm: Any  # (**BatchNorm fields) -> a BatchNorm module with the model's settings
+  norm: Any  # batch_norm(...): (**BatchNorm fields) -> a BatchNorm module
   conv_impl: str = "xla"
   dtype: Dtype = jnp.float32
 
@@ -283,8 +288,7 @@ class PosterResNet(nn.Module):
     """uint8 or float (batch, height, width, 3) in [0, 255] -> float32 logits (batch, num_classes)."""
     if len(self.blocks_per_stage) != len(self.stage_features):
       raise ValueError("blocks_per_stage needs one count per stage")
-    norm = lambda **kw: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                                     epsilon=self.bn_epsilon, dtype=self.dtype, **kw)
+    norm = batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype)
     x = images.astype(self.dtype) / 255.0
     x = conv3x3(self.stem_features, self.conv_impl, self.dtype, False, "stem")(x)
     x = nn.relu(norm()(x))
@@ -300,18 +304,14 @@ class PosterResNet(nn.Module):
 def create_model(config, num_classes: int, dtype: Dtype = jnp.float32) -> nn.Module:
   """The model a config's `model` section names."""
   m = config.model
+  common = dict(num_classes=num_classes, bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
+                dtype=dtype, conv_impl=resolve_conv_impl(m.get("conv_impl", "auto")))
   if m.name == "paper_cnn":
-    return PosterCNN(num_classes=num_classes, conv_features=tuple(m.conv_features),
-                     conv_dropout=tuple(m.conv_dropout),
-                     dense_features=tuple(m.dense_features),
-                     dense_dropout=m.dense_dropout, bn_momentum=m.bn_momentum,
-                     bn_epsilon=m.bn_epsilon, dtype=dtype,
-                     conv_impl=resolve_conv_impl(m.get("conv_impl", "auto")))
+    return PosterCNN(conv_features=tuple(m.conv_features), conv_dropout=tuple(m.conv_dropout),
+                     dense_features=tuple(m.dense_features), dense_dropout=m.dense_dropout,
+                     **common)
   if m.name == "resnet":
-    return PosterResNet(num_classes=num_classes, stem_features=m.stem_features,
-                        stage_features=tuple(m.stage_features),
+    return PosterResNet(stem_features=m.stem_features, stage_features=tuple(m.stage_features),
                         blocks_per_stage=tuple(m.blocks_per_stage),
-                        head_dropout=m.head_dropout, bn_momentum=m.bn_momentum,
-                        bn_epsilon=m.bn_epsilon, dtype=dtype,
-                        conv_impl=resolve_conv_impl(m.get("conv_impl", "auto")))
+                        head_dropout=m.head_dropout, **common)
   raise ValueError(f"unknown --config.model.name={m.name!r}; known: 'paper_cnn', 'resnet'")

@@ -1,9 +1,12 @@
+import importlib
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from configs import default
-from poster_cnn import model as model_lib
+from poster_cnn import losses, model as model_lib, optimizer
 
 
 def _count(tree) -> int:
@@ -210,9 +213,6 @@ def test_unknown_model_name_lists_the_known_ones():
 
 # ---------------------------------------------------------------- every config builds
 
-import importlib  # noqa: E402
-import os  # noqa: E402
-
 _CONFIG_NAMES = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..",
                                                                 "configs"))
                        if f.endswith(".py") and not f.startswith("_"))
@@ -220,7 +220,6 @@ _CONFIG_NAMES = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(_
 
 @pytest.mark.parametrize("name", _CONFIG_NAMES)
 def test_every_config_builds_its_model_and_loss(name):
-  from poster_cnn import losses, optimizer
   config = importlib.import_module(f"configs.{name}").get_config()
   m = model_lib.create_model(config, num_classes=15)
   shape = (1, config.image.height, config.image.width, 3)
