@@ -62,6 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
       grad_clip_norm=0.0,  # 0 = off
       accumulate_steps=1,
   ))
+  # > 0: keep an exponential moving average of the weights (and BatchNorm statistics)
+  # and evaluate, select checkpoints and predict with it; 0 = off.
+  c.ema_decay = 0.0
 
   c.batch_size = 32  # global, across all devices and hosts
   c.eval_batch_size = 64

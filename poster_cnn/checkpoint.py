@@ -1,7 +1,7 @@
 """orbax checkpoints of the train state together with the grain iterator.
 
 Layout of `<workdir>/checkpoints/<step>/`:
-  state/      the TrainState (params, batch_stats, opt_state, step, rng)
+  state/      the TrainState (params, batch_stats, opt_state, step, rng; ema when kept)
   data_iter/  the grain iterator's position (per process)
   metrics/    validation metrics, when the step was evaluated
 

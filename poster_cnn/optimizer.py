@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -55,3 +56,22 @@ def create_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformatio
   if opt.accumulate_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=int(opt.accumulate_steps))
   return tx, schedule
+
+
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+  """The averaging weight at `step` (0-based count of updates so far).
+
+  `decay` capped by (1 + step) / (10 + step), so the average follows the weights
+  closely early on, when they move fast, instead of remembering the random init.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(average, new, decay: float, step: jax.Array):
+  """average <- d * average + (1 - d) * new, leaf by leaf, with d = ema_decay_at(decay, step).
+
+  `average` and `new` are pytrees of float arrays with the same structure.
+  """
+  d = ema_decay_at(decay, step)
+  return jax.tree.map(lambda a, n: (a + (1.0 - d) * (n - a)).astype(a.dtype), average, new)

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from flax import struct
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
@@ -41,10 +42,21 @@ class TrainState(train_state.TrainState):
 
   `rng` is raw uint32 key data (checkpointable); the dropout key of each step
   is derived from it and the step, so a resumed run draws the same masks.
+  With `ema_decay` > 0, `ema` holds an exponential moving average of
+  {'params', 'batch_stats'}, updated every step; evaluation, checkpoint
+  selection and prediction then use it instead of the raw weights.
   """
 
   batch_stats: Any = None
   rng: jax.Array = None
+  ema: Any = None
+  ema_decay: float = struct.field(pytree_node=False, default=0.0)
+
+  def inference_variables(self) -> dict:
+    """The variables to evaluate and predict with: the average when there is one."""
+    if self.ema is not None:
+      return self.ema
+    return {"params": self.params, "batch_stats": self.batch_stats}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -90,14 +102,19 @@ def state_factory(config, num_classes: int, total_steps: int, mesh: jax.sharding
   model = model_lib.create_model(config, num_classes, compute_dtype(config))
   tx, schedule = optimizer.create_optimizer(config.optimizer, total_steps)
   image_shape = (config.image.height, config.image.width, 3)
+  ema_decay = float(config.get("ema_decay", 0.0))  # absent from configs of older runs
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"--config.ema_decay={ema_decay} must be in [0, 1); 0 turns it off")
 
   def init():
     init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
     variables = model.init({"params": init_rng}, jnp.zeros((1, *image_shape), jnp.uint8),
                            train=False)
+    ema = ({"params": variables["params"], "batch_stats": variables["batch_stats"]}
+           if ema_decay else None)
     return TrainState.create(apply_fn=model.apply, params=variables["params"],
                              batch_stats=variables["batch_stats"], tx=tx,
-                             rng=jax.random.key_data(state_rng))
+                             rng=jax.random.key_data(state_rng), ema=ema, ema_decay=ema_decay)
 
   replicated = jax.NamedSharding(mesh, jax.P())
   shapes = jax.eval_shape(init)
@@ -122,14 +139,17 @@ def train_step(state: TrainState, batch: dict,
     return loss_fn(logits, batch["labels"], batch["mask"]), updates["batch_stats"]
 
   (loss, batch_stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  step = state.step
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if state.ema is not None:
+    new = {"params": state.params, "batch_stats": state.batch_stats}
+    state = state.replace(ema=optimizer.ema_update(state.ema, new, state.ema_decay, step))
   return state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def eval_step(state: TrainState, batch: dict) -> jax.Array:
-  """Sigmoid probabilities float32 (B, K) in inference mode."""
-  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                          batch["image"], train=False)
+  """Sigmoid probabilities float32 (B, K) in inference mode (the weight average if kept)."""
+  logits = state.apply_fn(state.inference_variables(), batch["image"], train=False)
   return jax.nn.sigmoid(logits)
 
 

@@ -75,3 +75,16 @@ def test_gradient_accumulation_applies_the_mean_every_k_steps():
 def test_unknown_choices_name_the_flag(field, value):
   with pytest.raises(ValueError, match=f"--config.optimizer.{field}"):
     optimizer.create_optimizer(_opt(**{field: value}), 10)
+
+
+def test_ema_decay_ramps_up_to_the_configured_value():
+  got = [float(optimizer.ema_decay_at(0.99, s)) for s in (0, 1, 8, 10_000)]
+  np.testing.assert_allclose(got, [0.1, 2 / 11, 0.5, 0.99], rtol=1e-6)
+
+
+def test_ema_update_is_the_weighted_average_leaf_by_leaf():
+  average = {"w": jnp.full((2,), 1.0), "b": {"x": jnp.zeros((3,))}}
+  new = {"w": jnp.full((2,), 3.0), "b": {"x": jnp.ones((3,))}}
+  out = optimizer.ema_update(average, new, 0.5, 100)  # d = 0.5 once step >= 8
+  np.testing.assert_allclose(out["w"], 2.0)
+  np.testing.assert_allclose(out["b"]["x"], 0.5)

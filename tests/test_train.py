@@ -84,6 +84,44 @@ def test_resnet_with_weighted_focal_loss_trains_end_to_end(tiny_dataset, tmp_pat
   assert summary["macro_map"] > summary["prior_macro_map"] + 0.1, summary
 
 
+def test_weight_average_follows_the_recurrence_and_is_what_evaluation_uses(tiny_dataset, tmp_path):
+  c = _config(tiny_dataset, ema_decay=0.5)
+  mesh = train.create_mesh()
+  init, abstract, _ = train.state_factory(c, 4, 3, mesh)
+  state = init()
+  train_fn, eval_fn = train.jit_steps(state, mesh)
+  it = iter(pipeline.train_dataset(tiny_dataset, "train", global_batch_size=8,
+                                   image=train.image_options(c), seed=0))
+  snapshot = lambda s: jax.tree.map(np.asarray, {"params": s.params, "batch_stats": s.batch_stats})
+  expected = snapshot(state)
+  for step in range(3):
+    state, _ = train_fn(state, train.global_batch(next(it), mesh))
+    d = min(0.5, (1 + step) / (10 + step))
+    expected = jax.tree.map(lambda e, n: d * e + (1 - d) * n, expected, snapshot(state))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               snapshot_ema := jax.tree.map(np.asarray, state.ema), expected)
+  raw = snapshot(state)
+  assert not np.allclose(raw["params"]["Dense_2"]["kernel"],
+                         snapshot_ema["params"]["Dense_2"]["kernel"])
+
+  batch = train.global_batch({"image": next(it)["image"]}, mesh)
+  via_ema = state.apply_fn(state.ema, batch["image"], train=False)
+  np.testing.assert_allclose(eval_fn(state, batch), jax.nn.sigmoid(via_ema), rtol=1e-5)
+
+  # The average is part of the checkpoint.
+  manager = checkpoint.create_manager(tmp_path)
+  checkpoint.save(manager, 3, state, None)
+  manager.wait_until_finished()
+  restored = checkpoint.restore(manager, 3, abstract)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored.ema),
+               snapshot_ema)
+
+
+def test_ema_decay_outside_zero_one_names_the_flag(tiny_dataset):
+  with pytest.raises(ValueError, match="--config.ema_decay"):
+    train.state_factory(_config(tiny_dataset, ema_decay=1.0), 4, 3, train.create_mesh())
+
+
 def test_train_step_compiles_once(tiny_dataset):
   _, _, train_fn = _train_steps(_config(tiny_dataset), tiny_dataset, 4)
   assert train_fn._cache_size() == 1
