@@ -42,21 +42,30 @@ class TrainState(train_state.TrainState):
 
   `rng` is raw uint32 key data (checkpointable); the dropout key of each step
   is derived from it and the step, so a resumed run draws the same masks.
-  With `ema_decay` > 0, `ema` holds an exponential moving average of
-  {'params', 'batch_stats'}, updated every step; evaluation, checkpoint
-  selection and prediction then use it instead of the raw weights.
   """
 
   batch_stats: Any = None
   rng: jax.Array = None
+
+  def inference_variables(self) -> dict:
+    """The variables to evaluate and predict with."""
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+class AveragedTrainState(TrainState):
+  """A TrainState that also keeps `ema`, an exponential moving average of
+  {'params', 'batch_stats'} updated every step (`--config.ema_decay` > 0);
+  evaluation, checkpoint selection and prediction use the average.
+
+  A subclass rather than an optional field, so runs without an average keep the
+  checkpoint layout they always had.
+  """
+
   ema: Any = None
   ema_decay: float = struct.field(pytree_node=False, default=0.0)
 
   def inference_variables(self) -> dict:
-    """The variables to evaluate and predict with: the average when there is one."""
-    if self.ema is not None:
-      return self.ema
-    return {"params": self.params, "batch_stats": self.batch_stats}
+    return self.ema
 
 
 class NonFiniteLossError(RuntimeError):
@@ -110,11 +119,12 @@ def state_factory(config, num_classes: int, total_steps: int, mesh: jax.sharding
     init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
     variables = model.init({"params": init_rng}, jnp.zeros((1, *image_shape), jnp.uint8),
                            train=False)
-    ema = ({"params": variables["params"], "batch_stats": variables["batch_stats"]}
-           if ema_decay else None)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             batch_stats=variables["batch_stats"], tx=tx,
-                             rng=jax.random.key_data(state_rng), ema=ema, ema_decay=ema_decay)
+    fields = dict(apply_fn=model.apply, params=variables["params"],
+                  batch_stats=variables["batch_stats"], tx=tx,
+                  rng=jax.random.key_data(state_rng))
+    if not ema_decay:
+      return TrainState.create(**fields)
+    return AveragedTrainState.create(**fields, ema=dict(variables), ema_decay=ema_decay)
 
   replicated = jax.NamedSharding(mesh, jax.P())
   shapes = jax.eval_shape(init)
@@ -141,7 +151,7 @@ def train_step(state: TrainState, batch: dict,
   (loss, batch_stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   step = state.step
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  if state.ema is not None:
+  if isinstance(state, AveragedTrainState):
     new = {"params": state.params, "batch_stats": state.batch_stats}
     state = state.replace(ema=optimizer.ema_update(state.ema, new, state.ema_decay, step))
   return state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
 
 from configs import tiny
 from poster_cnn import checkpoint, evaluate, logs, train
@@ -115,6 +116,14 @@ def test_weight_average_follows_the_recurrence_and_is_what_evaluation_uses(tiny_
   restored = checkpoint.restore(manager, 3, abstract)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored.ema),
                snapshot_ema)
+
+
+def test_without_an_average_the_checkpointed_state_keeps_its_layout(tiny_dataset):
+  # Checkpoints written before the weight average existed must still restore.
+  _, abstract, _ = train.state_factory(_config(tiny_dataset), 4, 3, train.create_mesh())
+  assert type(abstract) is train.TrainState
+  assert set(serialization.to_state_dict(abstract)) == {
+      "step", "params", "opt_state", "batch_stats", "rng"}
 
 
 def test_ema_decay_outside_zero_one_names_the_flag(tiny_dataset):
