@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
       gamma=0.0,  # focal loss exponent; 0 = plain cross-entropy
       label_smoothing=0.0,
   ))
+  # > 0: blend each training example with another of its batch, lambda ~ Beta(a, a)
+  # (poster_cnn/mixup.py); 0 = off.
+  c.mixup_alpha = 0.0
   c.dtype = "float32"  # computation dtype: 'float32' or 'bfloat16'
 
   c.optimizer = ml_collections.ConfigDict(dict(

@@ -36,7 +36,8 @@ def multilabel_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array, *,
                     label_smoothing: float = 0.0) -> jax.Array:
   """Mean over genres and unmasked examples of the (weighted, focal) binary cross-entropy.
 
-  logits float32 (B, K); labels uint8 or float (B, K) in {0, 1}; mask bool (B,);
+  logits float32 (B, K); labels uint8 or float (B, K) in [0, 1] (soft after mixup);
+  mask bool (B,);
   pos_weight float32 (K,) multiplies the positive term of each genre.
   Returns a float32 scalar. With the defaults it is optax's sigmoid BCE, averaged.
   """

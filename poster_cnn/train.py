@@ -30,7 +30,7 @@ from flax import struct
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from poster_cnn import checkpoint, logs, losses, metrics, model as model_lib, optimizer
+from poster_cnn import checkpoint, logs, losses, metrics, mixup, model as model_lib, optimizer
 from poster_cnn.data import pipeline, records
 
 RUN_INFO_FILE = checkpoint.RUN_INFO_FILE
@@ -135,18 +135,25 @@ def state_factory(config, num_classes: int, total_steps: int, mesh: jax.sharding
 
 
 def train_step(state: TrainState, batch: dict,
-               loss_fn: losses.LossFn = losses.multilabel_loss) -> tuple[TrainState, dict]:
+               loss_fn: losses.LossFn = losses.multilabel_loss,
+               mixup_alpha: float = 0.0) -> tuple[TrainState, dict]:
   """One optimizer step on a global batch; returns the new state and metrics.
 
   `loss_fn(logits, labels, mask)` -> scalar; the paper's binary cross-entropy by default.
+  `mixup_alpha` > 0 blends the batch's examples first (poster_cnn/mixup.py).
   """
   dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  images, labels, mask = batch["image"], batch["labels"], batch["mask"]
+  if mixup_alpha:
+    # Its own stream, so the dropout masks stay those of a run without mixup.
+    images, labels, mask = mixup.mixup(jax.random.fold_in(dropout_rng, 1), images, labels,
+                                       mask, mixup_alpha)
 
   def objective(params):
     logits, updates = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+        {"params": params, "batch_stats": state.batch_stats}, images,
         train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-    return loss_fn(logits, batch["labels"], batch["mask"]), updates["batch_stats"]
+    return loss_fn(logits, labels, mask), updates["batch_stats"]
 
   (loss, batch_stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   step = state.step
@@ -164,12 +171,12 @@ def eval_step(state: TrainState, batch: dict) -> jax.Array:
 
 
 def jit_steps(state: TrainState, mesh: jax.sharding.Mesh,
-              loss_fn: losses.LossFn = losses.multilabel_loss):
+              loss_fn: losses.LossFn = losses.multilabel_loss, mixup_alpha: float = 0.0):
   """The jitted train and eval steps, with shardings fixed so they compile once."""
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   data = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
   replicated = jax.NamedSharding(mesh, jax.P())
-  train = jax.jit(functools.partial(train_step, loss_fn=loss_fn),
+  train = jax.jit(functools.partial(train_step, loss_fn=loss_fn, mixup_alpha=mixup_alpha),
                   in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
                   donate_argnums=0)
   evaluate = jax.jit(eval_step, in_shardings=(state_sharding, data), out_shardings=data)
@@ -314,7 +321,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = init()
   train_split = meta.splits[config.train_split]
   loss_fn = losses.create_loss(config.loss, train_split.positives, train_split.num_examples)
-  train_fn, eval_fn = jit_steps(state, mesh, loss_fn)
+  if config.mixup_alpha < 0:
+    raise ValueError(f"--config.mixup_alpha must be >= 0 (0 = off), not {config.mixup_alpha}")
+  train_fn, eval_fn = jit_steps(state, mesh, loss_fn, config.mixup_alpha)
 
   train_ds = pipeline.train_dataset(
       config.data_dir, config.train_split, global_batch_size=config.batch_size,

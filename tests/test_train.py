@@ -118,6 +118,22 @@ def test_weight_average_follows_the_recurrence_and_is_what_evaluation_uses(tiny_
                snapshot_ema)
 
 
+def test_mixup_and_weight_average_train_end_to_end(tiny_dataset, tmp_path):
+  c = _config(tiny_dataset, num_train_steps=30, eval_every_steps=30, log_every_steps=5,
+              mixup_alpha=0.4, ema_decay=0.9)
+  c.optimizer.learning_rate = 3e-3
+  train.train_and_evaluate(c, str(tmp_path))
+  rows = [r for r in logs.read_metrics(tmp_path) if r["split"] == "train"]
+  assert np.isfinite([r["loss"] for r in rows]).all()
+  summary = evaluate.evaluate_checkpoint(str(tmp_path), step="latest", split="validation")
+  assert summary["macro_map"] > summary["prior_macro_map"] + 0.1, summary
+
+
+def test_negative_mixup_alpha_names_the_flag(tiny_dataset, tmp_path):
+  with pytest.raises(ValueError, match="--config.mixup_alpha"):
+    train.train_and_evaluate(_config(tiny_dataset, mixup_alpha=-1.0), str(tmp_path))
+
+
 def test_without_an_average_the_checkpointed_state_keeps_its_layout(tiny_dataset):
   # Checkpoints written before the weight average existed must still restore.
   _, abstract, _ = train.state_factory(_config(tiny_dataset), 4, 3, train.create_mesh())
