@@ -13,6 +13,11 @@ the format of benchmarks/train_throughput.py:
 
 Compare with the JAX step in the same run (the machine is shared; see
 docs/BENCHMARKS.md for the interleaved command).
+
+`--layers` instead times each conv layer's parts alone, as benchmarks/conv_layers.py does
+for the JAX formulations (forward, input gradient, kernel gradient; channels-last):
+
+  conv_layer layer=2 hw=112 cin=16 cout=32 batch=32 part=dw impl=pytorch-2.13.0 ms=...
 """
 
 from __future__ import annotations
@@ -45,6 +50,37 @@ def paper_cnn(num_classes: int, image: int) -> nn.Module:
   return nn.Sequential(*layers)
 
 
+def time_layers(batch: int, image: int, repeats: int) -> None:
+  """Per conv layer of the paper model: forward, input and kernel gradients, each alone."""
+  version = "pytorch-" + torch.__version__.split("+")[0]
+  conv_args = dict(bias_sizes=None, stride=[1, 1], padding=[1, 1], dilation=[1, 1],
+                   transposed=False, output_padding=[0, 0], groups=1)
+  for layer, (cin, cout) in enumerate(((3, 16), (16, 32), (32, 64), (64, 128)), start=1):
+    hw = image >> (layer - 1)
+    cl = torch.channels_last
+    x = torch.randn(batch, cin, hw, hw).contiguous(memory_format=cl)
+    dy = torch.randn(batch, cout, hw, hw).contiguous(memory_format=cl)
+    w = (torch.randn(cout, cin, 3, 3) * 0.1).contiguous(memory_format=cl)
+    parts = {
+        "fwd": lambda: torch.nn.functional.conv2d(x, w, padding=1),
+        "dx": lambda: torch.ops.aten.convolution_backward(
+            dy, x, w, output_mask=[True, False, False], **conv_args)[0],
+        "dw": lambda: torch.ops.aten.convolution_backward(
+            dy, x, w, output_mask=[False, True, False], **conv_args)[1],
+    }
+    for part, fn in parts.items():
+      if part == "dx" and layer == 1:
+        continue  # the image needs no gradient
+      fn()
+      times = []
+      for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+      print(f"conv_layer layer={layer} hw={hw} cin={cin} cout={cout} batch={batch} "
+            f"part={part} impl={version} ms={statistics.median(times) * 1e3:.1f}", flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--batch_sizes", default="32")
@@ -53,7 +89,13 @@ def main():
   parser.add_argument("--steps", type=int, default=5, help="Steps per timed window.")
   parser.add_argument("--repeats", type=int, default=3, help="Timed windows; median printed.")
   parser.add_argument("--channels_last", type=int, default=1)
+  parser.add_argument("--layers", action="store_true",
+                      help="Time each conv layer's forward, input and kernel gradients instead.")
   args = parser.parse_args()
+  if args.layers:
+    for batch_size in map(int, args.batch_sizes.split(",")):
+      time_layers(batch_size, args.image, max(args.repeats, 5))
+    return
 
   torch.manual_seed(0)
   memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
