@@ -298,6 +298,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not config.data_dir:
     raise ValueError("--config.data_dir is required: a directory written by "
                      "poster-cnn-convert")
+  if config.mixup_alpha < 0:
+    raise ValueError(f"--config.mixup_alpha must be >= 0 (0 = off), not {config.mixup_alpha}")
   workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
   meta = records.read_metadata(config.data_dir)
@@ -321,8 +323,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = init()
   train_split = meta.splits[config.train_split]
   loss_fn = losses.create_loss(config.loss, train_split.positives, train_split.num_examples)
-  if config.mixup_alpha < 0:
-    raise ValueError(f"--config.mixup_alpha must be >= 0 (0 = off), not {config.mixup_alpha}")
   train_fn, eval_fn = jit_steps(state, mesh, loss_fn, config.mixup_alpha)
 
   train_ds = pipeline.train_dataset(

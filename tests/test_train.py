@@ -131,7 +131,8 @@ def test_mixup_and_weight_average_train_end_to_end(tiny_dataset, tmp_path):
 
 def test_negative_mixup_alpha_names_the_flag(tiny_dataset, tmp_path):
   with pytest.raises(ValueError, match="--config.mixup_alpha"):
-    train.train_and_evaluate(_config(tiny_dataset, mixup_alpha=-1.0), str(tmp_path))
+    train.train_and_evaluate(_config(tiny_dataset, mixup_alpha=-1.0), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_without_an_average_the_checkpointed_state_keeps_its_layout(tiny_dataset):
