@@ -303,14 +303,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
   meta = records.read_metadata(config.data_dir)
-  if is_chief:
-    os.makedirs(workdir, exist_ok=True)
-    write_run_info(workdir, config, meta)
 
   mesh = create_mesh()
-  if config.batch_size % jax.device_count():
-    raise ValueError(f"--config.batch_size={config.batch_size} is not divisible by "
-                     f"the {jax.device_count()} devices")
+  if config.batch_size <= 0 or config.batch_size % jax.device_count():
+    raise ValueError(f"--config.batch_size={config.batch_size} is not a positive multiple "
+                     f"of the {jax.device_count()} devices")
   steps_per_epoch = meta.splits[config.train_split].num_examples // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"split {config.train_split!r} has fewer examples than one batch")
@@ -323,6 +320,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = init()
   train_split = meta.splits[config.train_split]
   loss_fn = losses.create_loss(config.loss, train_split.positives, train_split.num_examples)
+  # Only now that every option has been checked (above and in the factories): a bad
+  # flag must not leave a workdir behind, nor rewrite the run info of one it resumes.
+  if is_chief:
+    os.makedirs(workdir, exist_ok=True)
+    write_run_info(workdir, config, meta)
   train_fn, eval_fn = jit_steps(state, mesh, loss_fn, config.mixup_alpha)
 
   train_ds = pipeline.train_dataset(

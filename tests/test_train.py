@@ -129,9 +129,11 @@ def test_mixup_and_weight_average_train_end_to_end(tiny_dataset, tmp_path):
   assert summary["macro_map"] > summary["prior_macro_map"] + 0.1, summary
 
 
-def test_negative_mixup_alpha_names_the_flag(tiny_dataset, tmp_path):
-  with pytest.raises(ValueError, match="--config.mixup_alpha"):
-    train.train_and_evaluate(_config(tiny_dataset, mixup_alpha=-1.0), str(tmp_path / "run"))
+@pytest.mark.parametrize("flag,value", [("mixup_alpha", -1.0), ("ema_decay", 1.0),
+                                        ("batch_size", 0)])
+def test_bad_options_name_the_flag_and_write_nothing(tiny_dataset, tmp_path, flag, value):
+  with pytest.raises(ValueError, match=f"--config.{flag}"):
+    train.train_and_evaluate(_config(tiny_dataset, **{flag: value}), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
