@@ -4,7 +4,8 @@ For each conv layer of the paper model (224x224 input, batch 32 by default) this
 in isolation and jitted, each part of a training step's convolution work under each
 formulation poster_cnn has or has measured:
 
-  fwd      the forward: XLA's convolution ('xla') or im2col + one matmul ('im2col')
+  fwd      the forward: XLA's convolution ('xla'), im2col + one matmul ('im2col') or
+           oneDNN's ('onednn', where the extension is built; also under dx and dw)
   patches  building the im2col patch array alone (B, H, W, 9 Cin), and 'floor': writing
            an array of the same size with no gathering (a broadcast), the memory-write
            bound any patch-based formulation pays
@@ -35,7 +36,7 @@ from absl import app, flags
 from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from poster_cnn import model as model_lib  # noqa: E402
+from poster_cnn import model as model_lib, onednn_conv  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Batch size.")
 _SIZE = flags.DEFINE_integer("image_size", 224, "Input height and width.")
@@ -92,6 +93,10 @@ PARTS = {
            "taps": lambda x, dy, k: model_lib._kernel_grad_taps(x, dy),
            "rows": _dw_rows},
 }
+if onednn_conv.available():  # oneDNN's direct kernels through XLA's FFI (conv_impl='onednn')
+  PARTS["fwd"]["onednn"] = lambda x, dy, k: onednn_conv.conv3x3(x, k)
+  PARTS["dx"]["onednn"] = lambda x, dy, k: jax.vjp(lambda x: onednn_conv.conv3x3(x, k), x)[1](dy)[0]
+  PARTS["dw"]["onednn"] = lambda x, dy, k: jax.vjp(lambda k: onednn_conv.conv3x3(x, k), k)[1](dy)[0]
 
 
 def _median_ms(fn, *args) -> float:

@@ -37,8 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
       bn_momentum=0.99,
       bn_epsilon=1e-3,
       # How the 3x3 convolutions are computed (same parameters, same results):
-      # 'auto' (im2col on CPU, nn.Conv elsewhere), 'xla' (nn.Conv), 'im2col',
-      # 'xla_wgrad_im2col', 'xla_wgrad_taps'; see poster_cnn/model.py and
+      # 'auto' (onednn, else im2col, on CPU; nn.Conv elsewhere), 'xla' (nn.Conv), 'im2col',
+      # 'xla_wgrad_im2col', 'xla_wgrad_taps', 'onednn'; see poster_cnn/model.py and
       # docs/BENCHMARKS.md.
       conv_impl="auto",
   ))

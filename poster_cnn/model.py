@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from poster_cnn import onednn_conv
+
 Dtype = Any
 
 # ---------------------------------------------------------------- 3x3 'SAME' convolutions
@@ -100,19 +102,27 @@ CONV_IMPLS = {
     "im2col": _conv_im2col,  # one (BHW, 9Cin) x (9Cin, Cout) dot; autodiff backward
     "xla_wgrad_im2col": _xla_forward_with(_kernel_grad_im2col),
     "xla_wgrad_taps": _xla_forward_with(_kernel_grad_taps),
+    "onednn": onednn_conv.conv3x3,  # oneDNN's direct kernels via XLA's FFI; CPU, float32
 }
 
 
-def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
-  """'auto' -> the fastest formulation measured on `backend` (default: JAX's).
+def resolve_conv_impl(impl: str, backend: str | None = None, dtype: Dtype = jnp.float32) -> str:
+  """'auto' -> the fastest formulation measured on `backend` (default: JAX's) for `dtype`.
 
-  On CPU 'im2col' trains the paper model about 1.4x faster than XLA's convolution
-  (benchmarks/conv_impl.py, docs/BENCHMARKS.md); on GPU and TPU the vendor
-  convolutions win, so nn.Conv itself.
+  On CPU 'onednn' trains the paper model about 2x faster than 'im2col', and 'im2col' about
+  1.4x faster than XLA's convolution (benchmarks/conv_impl.py, docs/BENCHMARKS.md). 'onednn'
+  needs the extension built at install time and float32, and runs on one device (XLA cannot
+  split a custom call across devices, so it would compute the whole batch on each); without
+  them 'im2col'. On GPU and TPU the vendor convolutions win, so nn.Conv itself.
   """
   if impl != "auto":
     return impl
-  return "im2col" if (backend or jax.default_backend()) == "cpu" else "xla"
+  if (backend or jax.default_backend()) != "cpu":
+    return "xla"
+  if (jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1
+      and onednn_conv.available()):
+    return "onednn"
+  return "im2col"
 
 
 # ---------------------------------------------------------------- 2x2 max pooling
@@ -304,8 +314,19 @@ class PosterResNet(nn.Module):
 def create_model(config, num_classes: int, dtype: Dtype = jnp.float32) -> nn.Module:
   """The model a config's `model` section names."""
   m = config.model
+  conv_impl = resolve_conv_impl(m.get("conv_impl", "auto"), dtype=dtype)
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"unknown --config.model.conv_impl={conv_impl!r}; known: 'auto', "
+                     f"{', '.join(map(repr, CONV_IMPLS))}")
+  if conv_impl == "onednn":
+    if error := onednn_conv.load_error():
+      raise ValueError(f"--config.model.conv_impl=onednn is unavailable here ({error}); "
+                       "use 'auto' or 'im2col'")
+    if jnp.dtype(dtype) != jnp.float32:
+      raise ValueError(f"--config.model.conv_impl=onednn computes in float32, not "
+                       f"--config.dtype={jnp.dtype(dtype).name}; use 'auto' or 'im2col'")
   common = dict(num_classes=num_classes, bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
-                dtype=dtype, conv_impl=resolve_conv_impl(m.get("conv_impl", "auto")))
+                dtype=dtype, conv_impl=conv_impl)
   if m.name == "paper_cnn":
     return PosterCNN(conv_features=tuple(m.conv_features), conv_dropout=tuple(m.conv_dropout),
                      dense_features=tuple(m.dense_features), dense_dropout=m.dense_dropout,

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default
-from poster_cnn import losses, model as model_lib, optimizer
+from poster_cnn import losses, model as model_lib, onednn_conv, optimizer
 
 
 def _count(tree) -> int:
@@ -65,7 +65,16 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 import flax.linen as nn  # noqa: E402
 import pytest  # noqa: E402
 
-_CONV_IMPLS = [i for i in model_lib.CONV_IMPLS if i != "xla"]
+
+
+def _impl_param(impl: str):
+  if impl == "onednn" and not onednn_conv.available():
+    return pytest.param(impl, marks=pytest.mark.skip(
+        reason=f"the oneDNN extension is unavailable: {onednn_conv.load_error()}"))
+  return impl
+
+
+_CONV_IMPLS = [_impl_param(i) for i in model_lib.CONV_IMPLS if i != "xla"]
 
 
 @pytest.fixture
@@ -132,8 +141,10 @@ def test_paper_model_parameter_count_is_the_same_for_every_conv_impl():
     assert _count(shapes["params"]) == 3_328_013
 
 
-def test_auto_conv_impl_is_im2col_on_cpu_and_nn_conv_elsewhere():
-  assert model_lib.resolve_conv_impl("auto", "cpu") == "im2col"
+def test_auto_conv_impl_is_onednn_or_im2col_on_cpu_and_nn_conv_elsewhere():
+  cpu = "onednn" if onednn_conv.available() else "im2col"
+  assert model_lib.resolve_conv_impl("auto", "cpu") == cpu
+  assert model_lib.resolve_conv_impl("auto", "cpu", jnp.bfloat16) == "im2col"
   assert model_lib.resolve_conv_impl("auto", "gpu") == "xla"
   assert model_lib.resolve_conv_impl("auto", "tpu") == "xla"
   assert model_lib.resolve_conv_impl("xla_wgrad_taps", "cpu") == "xla_wgrad_taps"
