@@ -49,7 +49,7 @@ _TOP = flags.DEFINE_integer("top", 15, "Also print the N most expensive single o
 
 _KINDS = [  # (kind, pattern on the op name); first match wins
     ("dot", r"^(ynn_fusion|xnn_fusion|dot|onednn)"),
-    ("conv", r"^(convolution|conv)"),
+    ("conv", r"^(convolution|conv|ffi_call|custom-call)"),  # custom calls: oneDNN's convs
     ("im2col", r"^(concatenate|pad|slice|bitcast_concatenate|concatenate_bitcast)"),
     ("select", r"select"),
     ("copy", r"^(copy|transpose)"),
