@@ -36,7 +36,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from poster_cnn import losses, model as model_lib, train  # noqa: E402
+from poster_cnn import losses, model as model_lib, onednn_conv, train  # noqa: E402
 
 ALLOCATORS = {
     "default": None,
@@ -46,7 +46,8 @@ ALLOCATORS = {
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/paper.py", "Model config.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["32"], "Global batch sizes.")
-_IMPLS = flags.DEFINE_list("impls", ["xla", "im2col", "xla_wgrad_im2col", "xla_wgrad_taps"],
+_IMPLS = flags.DEFINE_list("impls", [i for i in model_lib.CONV_IMPLS
+                                     if i != "onednn" or onednn_conv.available()],
                            f"Conv formulations, keys of {sorted(model_lib.CONV_IMPLS)}.")
 _ALLOCATORS = flags.DEFINE_list("allocators", ["default"],
                                 f"malloc implementations: {sorted(ALLOCATORS)} or a .so path.")

@@ -109,18 +109,16 @@ CONV_IMPLS = {
 def resolve_conv_impl(impl: str, backend: str | None = None, dtype: Dtype = jnp.float32) -> str:
   """'auto' -> the fastest formulation measured on `backend` (default: JAX's) for `dtype`.
 
-  On CPU 'onednn' trains the paper model about 2x faster than 'im2col', and 'im2col' about
-  1.4x faster than XLA's convolution (benchmarks/conv_impl.py, docs/BENCHMARKS.md). 'onednn'
-  needs the extension built at install time and float32, and runs on one device (XLA cannot
-  split a custom call across devices, so it would compute the whole batch on each); without
-  them 'im2col'. On GPU and TPU the vendor convolutions win, so nn.Conv itself.
+  On CPU 'onednn' trains the paper model about 1.7x faster than 'im2col', and 'im2col'
+  about 1.4x faster than XLA's convolution (docs/BENCHMARKS.md). 'onednn' needs the
+  extension built at install time and float32; without them 'im2col'. On GPU and TPU the
+  vendor convolutions win, so nn.Conv itself.
   """
   if impl != "auto":
     return impl
   if (backend or jax.default_backend()) != "cpu":
     return "xla"
-  if (jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1
-      and onednn_conv.available()):
+  if jnp.dtype(dtype) == jnp.float32 and onednn_conv.available():
     return "onednn"
   return "im2col"
 

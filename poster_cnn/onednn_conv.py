@@ -4,7 +4,8 @@ XLA's CPU convolutions, and every formulation of them as matmuls, spend most of 
 paper model's CPU train step; oneDNN's direct kernels do the same work about 3x faster
 (docs/BENCHMARKS.md). `conv3x3` calls three handlers compiled from onednn_conv3x3.cc at
 install time (forward, input gradient, kernel gradient) through `jax.ffi`, with a custom
-VJP, so it drops into `jax.jit`, `jax.grad` and the train step like any JAX function.
+VJP, so it drops into `jax.jit`, `jax.grad` and the train step like any JAX function, on
+one device or, traced under a mesh, on each device's slice of the batch.
 
 The extension is optional: where it was not built (no C++ compiler at install time, not
 Linux x86-64) or oneDNN cannot be loaded, `available()` is False, `load_error()` says why,
@@ -60,16 +61,33 @@ def _call(part: str, a: jnp.ndarray, b: jnp.ndarray, shape) -> jnp.ndarray:
   return jax.ffi.ffi_call(_TARGETS[part], jax.ShapeDtypeStruct(tuple(shape), jnp.float32))(a, b)
 
 
-@jax.custom_vjp
 def conv3x3(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
   """lax.conv_general_dilated(x, kernel, (1, 1), 'SAME') for NHWC x and HWIO kernel.
 
+  Traced under a mesh of several devices (`jax.sharding.use_abstract_mesh`, as
+  train.jit_steps does), each device convolves its own slice of the batch, which is split
+  over every mesh axis (poster_cnn's meshes are data parallel), and the kernel gradient is
+  summed over them. XLA cannot split a custom call by itself: without the mesh it gathers
+  the whole batch onto every device first.
+
   Args:
-    x: (B, H, W, C) float32.
+    x: (B, H, W, C) float32; B divisible by the mesh's size.
     kernel: (3, 3, C, K) float32.
   Returns:
     (B, H, W, K) float32.
   """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return _conv3x3(x, kernel)
+  batch = jax.P(mesh.axis_names)
+  # check_vma=False: custom calls carry no varying-axes information. shard_map's transpose
+  # sums the replicated kernel's gradient over the mesh.
+  return jax.shard_map(_conv3x3, mesh=mesh, in_specs=(batch, jax.P()), out_specs=batch,
+                       check_vma=False)(x, kernel)
+
+
+@jax.custom_vjp
+def _conv3x3(x, kernel):
   return _forward(x, kernel)
 
 
@@ -95,4 +113,4 @@ def _conv3x3_bwd(residuals, dy):
           _call("backward_weights", x, dy, kernel.shape))
 
 
-conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+_conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)

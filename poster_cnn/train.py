@@ -176,10 +176,22 @@ def jit_steps(state: TrainState, mesh: jax.sharding.Mesh,
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   data = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
   replicated = jax.NamedSharding(mesh, jax.P())
-  train = jax.jit(functools.partial(train_step, loss_fn=loss_fn, mixup_alpha=mixup_alpha),
+
+  def traced_under_mesh(fn):
+    # Layers that XLA cannot partition itself (the oneDNN convolutions) read the mesh
+    # while traced to split their work per device (onednn_conv.conv3x3).
+    @functools.wraps(fn)
+    def wrapped(*args):
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return fn(*args)
+    return wrapped
+
+  train = jax.jit(traced_under_mesh(functools.partial(train_step, loss_fn=loss_fn,
+                                                      mixup_alpha=mixup_alpha)),
                   in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
                   donate_argnums=0)
-  evaluate = jax.jit(eval_step, in_shardings=(state_sharding, data), out_shardings=data)
+  evaluate = jax.jit(traced_under_mesh(eval_step), in_shardings=(state_sharding, data),
+                     out_shardings=data)
   return train, evaluate
 
 

@@ -13,7 +13,7 @@ import pytest
 from flax import serialization
 
 from configs import tiny
-from poster_cnn import checkpoint, evaluate, logs, train
+from poster_cnn import checkpoint, evaluate, logs, onednn_conv, train
 from poster_cnn.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,6 +174,7 @@ _DEVICE_RUN = textwrap.dedent("""
     # 1e-4 ones. What is compared here is the sharding: per-device BatchNorm statistics
     # or a wrongly split batch would differ at the first step by orders of magnitude more.
     c.optimizer.name = "sgd"; c.optimizer.learning_rate = 0.002; c.optimizer.momentum = 0.0
+    c.model.conv_impl = {conv_impl!r}
     mesh = train.create_mesh()
     assert jax.device_count() == {n}
     init, _, _ = train.state_factory(c, 4, 10, mesh)
@@ -181,21 +182,30 @@ _DEVICE_RUN = textwrap.dedent("""
     train_fn, _ = train.jit_steps(state, mesh)
     it = iter(pipeline.train_dataset(c.data_dir, "train", global_batch_size=8,
                                      image=train.image_options(c), seed=0))
-    for _ in range(4):
-      state, _ = train_fn(state, train.global_batch(next(it), mesh))
+    batches = [train.global_batch(next(it), mesh) for _ in range(4)]
+    # Every device convolves its own slice: no gathering of activations before a custom call.
+    assert "all-gather" not in train_fn.lower(state, batches[0]).compile().as_text()
+    for batch in batches:
+      state, _ = train_fn(state, batch)
     leaves = jax.tree.leaves({{"p": state.params, "b": state.batch_stats}})
     np.savez({out!r}, *[np.asarray(x) for x in leaves])
 """)
 
 
-def test_one_and_four_devices_give_the_same_params_and_batch_stats(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("conv_impl", [
+    "im2col",
+    pytest.param("onednn", marks=pytest.mark.skipif(
+        not onednn_conv.available(), reason=f"oneDNN unavailable: {onednn_conv.load_error()}")),
+])
+def test_one_and_four_devices_give_the_same_params_and_batch_stats(tiny_dataset, tmp_path,
+                                                                   conv_impl):
   results = []
   for n in (1, 4):
     out = str(tmp_path / f"dev{n}.npz")
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
            "JAX_PLATFORMS": "cpu"}
-    subprocess.run([sys.executable, "-c", _DEVICE_RUN.format(repo=REPO, data=tiny_dataset,
-                                                             n=n, out=out)],
+    subprocess.run([sys.executable, "-c", _DEVICE_RUN.format(
+        repo=REPO, data=tiny_dataset, n=n, out=out, conv_impl=conv_impl)],
                    env=env, check=True, capture_output=True, timeout=300)
     with np.load(out) as f:
       results.append([f[k] for k in sorted(f.files, key=lambda s: int(s.split("_")[1]))])
