@@ -317,6 +317,9 @@ def create_model(config, num_classes: int, dtype: Dtype = jnp.float32) -> nn.Mod
     raise ValueError(f"unknown --config.model.conv_impl={conv_impl!r}; known: 'auto', "
                      f"{', '.join(map(repr, CONV_IMPLS))}")
   if conv_impl == "onednn":
+    if (backend := jax.default_backend()) != "cpu":
+      raise ValueError(f"--config.model.conv_impl=onednn runs on the CPU, not {backend}; "
+                       "use 'auto' or 'xla'")
     if error := onednn_conv.load_error():
       raise ValueError(f"--config.model.conv_impl=onednn is unavailable here ({error}); "
                        "use 'auto' or 'im2col'")

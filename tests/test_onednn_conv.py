@@ -85,3 +85,12 @@ def test_without_the_extension_auto_falls_back_and_onednn_is_refused(monkeypatch
     model_lib.create_model(config, 13)
   with pytest.raises(RuntimeError, match="not built"):
     onednn_conv.conv3x3(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2)))
+
+
+def test_onednn_off_the_cpu_is_refused(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  config = default.get_config()
+  assert model_lib.create_model(config, 13).conv_impl == "xla"
+  config.model.conv_impl = "onednn"
+  with pytest.raises(ValueError, match="conv_impl=onednn runs on the CPU, not gpu"):
+    model_lib.create_model(config, 13)
