@@ -3,7 +3,7 @@
 Prints one machine-readable line per (mode, batch size), e.g.
 
   train config=paper device=cpu devices=1 batch=32 image=224 compile_s=3.1
-        step_ms=1290.2 img_per_s=24.8 gflop_per_img=1.19 mfu=0.074
+        step_ms=1290.2 img_per_s=24.8 gflop_per_img=1.19 mfu=0.074 peak_rss_mb=1710
 
 Step times are medians over --repeats timed windows of --steps steps each,
 after one warm-up step that includes compilation. MFU divides the achieved
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+import resource
 import statistics
 import sys
 import time
@@ -75,6 +76,16 @@ def _model_flops(config, mesh, batch) -> float:
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
+def _memory() -> str:
+  """Peak memory so far: the process's resident set and, where the device reports it, the
+  device's allocations (both are peaks over the whole run, so they grow with batch size)."""
+  fields = [f"peak_rss_mb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}"]
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    fields.append(f"device_peak_mb={stats['peak_bytes_in_use'] / 2**20:.0f}")
+  return " ".join(fields)
+
+
 def _time(fn, repeats: int, steps: int) -> float:
   windows = []
   for _ in range(repeats):
@@ -121,7 +132,7 @@ def main(argv):
     mfu = rate * flops_per_img / (peak * 1e9)
     print(f"train config={name} {device} batch={batch_size} image={h} compile_s={compile_s:.2f} "
           f"step_ms={step * 1e3:.1f} img_per_s={rate:.1f} gflop_per_img={flops_per_img / 1e9:.3f} "
-          f"mfu={mfu:.3f}", flush=True)
+          f"mfu={mfu:.3f} {_memory()}", flush=True)
 
     if _EVAL.value:
       st = run_train.__defaults__[0][0]
