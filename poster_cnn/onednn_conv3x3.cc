@@ -17,6 +17,7 @@
 #include <Python.h>
 
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -177,6 +178,8 @@ ffi::Error Run(Part part, const Shape& s, void* x, void* w, void* y) {
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {  // e.g. std::bad_alloc; never let one unwind into XLA
+    return ffi::Error::Internal(std::string("oneDNN convolution: ") + e.what());
   }
   return ffi::Error::Success();
 }
@@ -194,8 +197,10 @@ ffi::Error BackwardData(F32 dy, F32 w, F32Out dx) {
   auto dims = dx->dimensions();
   auto s = ActivationShape(dims, w.dimensions(), /*kernel_second=*/true);
   if (s.has_error()) return s.error();
-  if (dy.dimensions()[3] != s->k) {
-    return ffi::Error::InvalidArgument("output gradient channels differ from the kernel's");
+  auto dy_dims = dy.dimensions();
+  if (dy_dims.size() != 4 || dy_dims[0] != s->b || dy_dims[1] != s->h || dy_dims[2] != s->w ||
+      dy_dims[3] != s->k) {
+    return ffi::Error::InvalidArgument("output gradient must be (B, H, W, K)");
   }
   return Run(Part::kBackwardData, *s, dx->untyped_data(), w.untyped_data(), dy.untyped_data());
 }
