@@ -354,9 +354,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   writer = logs.MetricWriter(workdir, enabled=is_chief)
   logging.info("process %d/%d, devices: %d global, %d local (%s); %d steps of %d "
-               "(%d per epoch) from step %d", jax.process_index(), jax.process_count(),
-               jax.device_count(), jax.local_device_count(), jax.devices()[0].platform,
-               total_steps, config.batch_size, steps_per_epoch, start_step)
+               "(%d per epoch) from step %d; 3x3 convolutions: %s", jax.process_index(),
+               jax.process_count(), jax.device_count(), jax.local_device_count(),
+               jax.devices()[0].platform, total_steps, config.batch_size, steps_per_epoch,
+               start_step, model_lib.resolve_conv_impl(config.model.get("conv_impl", "auto"),
+                                                       dtype=compute_dtype(config)))
 
   last_eval: dict = {}
   pending: list[tuple[int, jax.Array]] = []
