@@ -26,9 +26,7 @@ Layer 1 has no dx (its input is the image). One line per (layer, part, impl):
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +35,7 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from poster_cnn import model as model_lib, onednn_conv  # noqa: E402
+from timing import median_step_seconds  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Batch size.")
 _SIZE = flags.DEFINE_integer("image_size", 224, "Input height and width.")
@@ -101,12 +100,8 @@ if onednn_conv.available():  # oneDNN's direct kernels through XLA's FFI (conv_i
 
 def _median_ms(fn, *args) -> float:
   jax.block_until_ready(fn(*args))  # compile
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+  return 1e3 * median_step_seconds(
+      lambda n: [jax.block_until_ready(fn(*args)) for _ in range(n)], _REPEATS.value, 1)
 
 
 def main(argv):

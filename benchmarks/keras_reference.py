@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from timing import median_step_seconds  # noqa: E402
 
 
 def paper_cnn(num_classes: int, image: int) -> keras.Model:
@@ -66,17 +65,12 @@ def main():
     labels = (rng.random((batch_size, args.num_classes)) < 0.2).astype(np.float32)
     images, labels = tf.constant(images), tf.constant(labels)
 
-    def step():
-      return model.train_on_batch(images, labels)  # returns the loss: a host sync
+    def run_steps(n):
+      for _ in range(n):
+        model.train_on_batch(images, labels)  # returns the loss: a host sync
 
-    step()
-    windows = []
-    for _ in range(args.repeats):
-      t = time.perf_counter()
-      for _ in range(args.steps):
-        step()
-      windows.append((time.perf_counter() - t) / args.steps)
-    ms = statistics.median(windows) * 1e3
+    run_steps(1)
+    ms = median_step_seconds(run_steps, args.repeats, args.steps) * 1e3
     print(f"train framework={version} device=cpu jit_compile={args.jit_compile} "
           f"batch={batch_size} image={args.image} step_ms={ms:.1f} "
           f"img_per_s={batch_size / ms * 1e3:.1f}", flush=True)

@@ -23,12 +23,12 @@ for the JAX formulations (forward, input gradient, kernel gradient; channels-las
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
 from torch import nn
+
+from timing import median_step_seconds  # benchmarks/timing.py
 
 
 def paper_cnn(num_classes: int, image: int) -> nn.Module:
@@ -72,13 +72,9 @@ def time_layers(batch: int, image: int, repeats: int) -> None:
       if part == "dx" and layer == 1:
         continue  # the image needs no gradient
       fn()
-      times = []
-      for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
+      ms = median_step_seconds(lambda n, fn=fn: [fn() for _ in range(n)], repeats, 1) * 1e3
       print(f"conv_layer layer={layer} hw={hw} cin={cin} cout={cout} batch={batch} "
-            f"part={part} impl={version} ms={statistics.median(times) * 1e3:.1f}", flush=True)
+            f"part={part} impl={version} ms={ms:.1f}", flush=True)
 
 
 def main():
@@ -109,21 +105,16 @@ def main():
     ).contiguous(memory_format=memory_format)
     labels = torch.from_numpy((rng.random((batch_size, args.num_classes)) < 0.2).astype(np.float32))
 
-    def step():
-      opt.zero_grad(set_to_none=True)
-      loss = loss_fn(model(images.float() / 255.0), labels)
-      loss.backward()
-      opt.step()
-      return loss.item()  # a host sync, as the JAX benchmark's block_until_ready
+    def run_steps(n):
+      for _ in range(n):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(images.float() / 255.0), labels)
+        loss.backward()
+        opt.step()
+        loss.item()  # a host sync, as the JAX benchmark's block_until_ready
 
-    step()
-    windows = []
-    for _ in range(args.repeats):
-      t = time.perf_counter()
-      for _ in range(args.steps):
-        step()
-      windows.append((time.perf_counter() - t) / args.steps)
-    ms = statistics.median(windows) * 1e3
+    run_steps(1)
+    ms = median_step_seconds(run_steps, args.repeats, args.steps) * 1e3
     print(f"train framework=pytorch-{torch.__version__.split('+')[0]} device=cpu "
           f"threads={torch.get_num_threads()} channels_last={args.channels_last} "
           f"batch={batch_size} image={args.image} step_ms={ms:.1f} "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import os
 import resource
-import statistics
 import sys
 import time
 
@@ -31,6 +30,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from poster_cnn import train  # noqa: E402
+from timing import median_step_seconds  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/paper.py", "Model config.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["32"], "Global batch sizes.")
@@ -50,12 +50,9 @@ def matmul_peak_gflops(dtype: str = "float32", repeats: int = 5) -> float:
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n**3 / statistics.median(times) / 1e9
+  seconds = median_step_seconds(lambda k: [f(a).block_until_ready() for _ in range(k)],
+                                repeats, 1)
+  return 2 * n**3 / seconds / 1e9
 
 
 def _model_flops(config, mesh, batch) -> float:
@@ -84,15 +81,6 @@ def _memory() -> str:
   if "peak_bytes_in_use" in stats:
     fields.append(f"device_peak_mb={stats['peak_bytes_in_use'] / 2**20:.0f}")
   return " ".join(fields)
-
-
-def _time(fn, repeats: int, steps: int) -> float:
-  windows = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn(steps)
-    windows.append((time.perf_counter() - t) / steps)
-  return statistics.median(windows)
 
 
 def main(argv):
@@ -127,7 +115,7 @@ def main(argv):
       state[0] = s
 
     run_train(1)
-    step = _time(run_train, _REPEATS.value, _STEPS.value)
+    step = median_step_seconds(run_train, _REPEATS.value, _STEPS.value)
     rate = batch_size / step
     mfu = rate * flops_per_img / (peak * 1e9)
     print(f"train config={name} {device} batch={batch_size} image={h} compile_s={compile_s:.2f} "
@@ -143,7 +131,7 @@ def main(argv):
           out = eval_fn(st, batch)
         out.block_until_ready()
 
-      step = _time(run_eval, _REPEATS.value, _STEPS.value)
+      step = median_step_seconds(run_eval, _REPEATS.value, _STEPS.value)
       print(f"eval config={name} {device} batch={batch_size} image={h} "
             f"step_ms={step * 1e3:.1f} img_per_s={batch_size / step:.1f}", flush=True)
 
