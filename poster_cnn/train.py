@@ -291,14 +291,18 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(losses: list[tuple[int, jax.Array]], manager) -> None:
+def _check_finite(losses: list[tuple[int, jax.Array]], manager, abstract_state) -> None:
   for step, loss in losses:
     value = float(loss)
     if not math.isfinite(value):
-      last = manager.latest_step()
-      raise NonFiniteLossError(
-          f"loss is {value} at step {step}; last good checkpoint: "
-          + (f"step {last} in {manager.directory}" if last is not None else "none")
+      raise NonFiniteLossError(f"loss is {value} at step {step}; "
+                               + _last_good(manager, abstract_state))
+
+
+def _last_good(manager, abstract_state) -> str:
+  last = checkpoint.last_verified(manager, abstract_state)
+  return ("last good checkpoint: "
+          + (f"step {last} in {manager.directory} (verified)" if last is not None else "none")
           + ". Lower --config.optimizer.learning_rate or set grad_clip_norm.")
 
 
@@ -350,6 +354,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if restored is not None:
     state = restored
     logging.info("resumed from checkpoint at step %d", restored_step)
+  else:  # a fresh start reads from the start, whatever checkpoints were tried
+    _close(train_iter)
+    train_iter = iter(train_ds)
   start_step = int(state.step)
 
   writer = logs.MetricWriter(workdir, enabled=is_chief)
@@ -375,7 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending.append((step, step_metrics["loss"]))
 
         if step % config.log_every_steps == 0 or step == total_steps:
-          _check_finite(pending, manager)
+          _check_finite(pending, manager, abstract_state)
           elapsed = time.perf_counter() - window_start
           rate = window_steps * config.batch_size / elapsed
           loss = float(pending[-1][1])
@@ -389,7 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         evaluate_now = step % eval_every == 0 or step == total_steps
         if evaluate_now:
-          _check_finite(pending, manager)
+          _check_finite(pending, manager, abstract_state)
           last_eval, _ = evaluate_split(config, state, eval_fn, mesh, config.data_dir,
                                         config.eval_split)
           writer.write(step, last_eval, split=config.eval_split)
@@ -397,8 +404,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        config.eval_split, last_eval["macro_map"], last_eval["micro_map"],
                        config.top_k, last_eval.get(f"f1_top{config.top_k}", float("nan")))
         if evaluate_now or step % ckpt_every == 0 or preemption.requested:
-          checkpoint.save(manager, step, state, train_iter,
-                          metrics=_checkpoint_metrics(last_eval) if evaluate_now else None)
+          _check_finite(pending, manager, abstract_state)  # never save a diverged state
+          try:
+            checkpoint.save(manager, step, state, train_iter,
+                            metrics=_checkpoint_metrics(last_eval) if evaluate_now else None)
+          except checkpoint.NonFiniteStateError as e:
+            raise NonFiniteLossError(f"{e}; {_last_good(manager, abstract_state)}") from None
         if evaluate_now:
           # img/s and ETA measure training alone: the next window starts here, with
           # the steps before the evaluation (already waited for) left out of it.
