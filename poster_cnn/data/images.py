@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from poster_cnn.data import csv_rows
+from poster_cnn.data import csv_rows, workers
 
 # 40 MP is far above any poster scan yet keeps a worker's decoded image under 120 MB.
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
@@ -117,9 +117,10 @@ def _convert_chunk(opts: JpegOptions, chunk: list[Sequence[str]]) -> list[tuple]
   return [convert_image(c, opts) for c in chunk]
 
 
-def _ignore_sigint() -> None:
+def _init_worker() -> None:
   # Ctrl-C reaches the whole process group; the parent alone handles it.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  workers.exit_with_parent()
 
 
 def converted_images(tasks: Iterable[Sequence[str]], num_tasks: int, opts: JpegOptions,
@@ -138,7 +139,7 @@ def converted_images(tasks: Iterable[Sequence[str]], num_tasks: int, opts: JpegO
   chunks = iter(lambda: list(itertools.islice(tasks, _CHUNK)), [])
   num_workers = max(1, min(num_workers, math.ceil(num_tasks / _CHUNK)))
   pool = futures.ProcessPoolExecutor(num_workers, multiprocessing.get_context("spawn"),
-                                     initializer=_ignore_sigint)
+                                     initializer=_init_worker)
 
   def results(chunk, future):
     try:

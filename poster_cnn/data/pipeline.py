@@ -37,7 +37,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from poster_cnn.data import records, tfrecord
+from poster_cnn.data import records, tfrecord, workers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +201,8 @@ def _multiprocess(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   _release_shared_memory_at_exit()
-  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                        worker_init_fn=workers.exit_with_parent)
 
 
 def train_dataset(data_dir: str | os.PathLike, split: str, *, global_batch_size: int,
