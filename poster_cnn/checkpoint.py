@@ -347,6 +347,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     only to the position of the checkpoint returned.
   """
   broken = []
+  _recreate_if_deleted(manager)
   try:
     for step in sorted(manager.all_steps(), reverse=True):
       error = None
@@ -385,8 +386,11 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     aside = os.path.join(os.path.dirname(directory), "checkpoints_broken")
     os.makedirs(aside, exist_ok=True)
     for step in steps:
+      source = os.path.join(directory, str(step))
+      if not os.path.exists(source):  # deleted meanwhile: nothing to keep
+        continue
       target = os.path.join(aside, f"{step}-{int(time.time())}")
-      os.replace(os.path.join(directory, str(step)), target)
+      os.replace(source, target)
       logging.warning("moved broken checkpoint %d to %s", step, target)
   multihost_utils.sync_global_devices("poster_cnn_set_aside_broken_checkpoints")
   manager.reload()

@@ -104,12 +104,12 @@ def test_every_checkpoint_carries_a_digest_that_verifies(setup, tmp_path):
   np.testing.assert_array_equal(next(it)["image"], next(reference)["image"])
 
 
-@pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_damaged_latest_is_set_aside_and_the_previous_restored(setup, tmp_path, caplog, capfd,
-                                                               damage):
+def test_damaged_latest_falls_back_past_it_with_the_iterator_of_the_previous(setup, tmp_path,
+                                                                          caplog):
+  # Every other kind of damage: tests/test_bad_input.py.
   c, state, abstract = setup
   manager = _save_steps(tmp_path, c, state)
-  DAMAGE[damage](str(tmp_path / "checkpoints" / "2"))
+  _swap_state_for_step_1s(str(tmp_path / "checkpoints" / "2"))
   it = _iterator(c)
   with caplog.at_level(logging.WARNING):
     step, restored = checkpoint.restore_latest(manager, abstract, it)
@@ -120,13 +120,8 @@ def test_damaged_latest_is_set_aside_and_the_previous_restored(setup, tmp_path, 
   reference = _iterator(c)
   next(reference)
   np.testing.assert_array_equal(next(it)["image"], next(reference)["image"])
-  warning = "\n".join(r.getMessage() for r in caplog.records)
-  assert f"checkpoint 2" in warning and str(tmp_path / "checkpoints" / "2") in warning
-  if damage in ("other_valid_state", "iterator_state"):
-    assert "fails its digest" in warning
+  assert "checkpoint 2" in caplog.text and "fails its digest" in caplog.text
   assert [d.split("-")[0] for d in os.listdir(tmp_path / "checkpoints_broken")] == ["2"]
-  out = capfd.readouterr()
-  assert "Event loop is closed" not in out.err + out.out + warning
 
 
 def test_every_checkpoint_unreadable_restores_nothing_and_leaves_the_iterator(setup, tmp_path):
