@@ -14,6 +14,7 @@ import numpy as np
 from absl import logging
 
 from poster_cnn import evaluate, metrics, train
+from poster_cnn.data import images as image_files
 from poster_cnn.data import pipeline
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
@@ -36,12 +37,15 @@ def expand_paths(patterns: Sequence[str]) -> Iterator[str]:
 
 
 def _batches(paths: Iterable[str], size: int, opts: pipeline.ImageOptions,
-             errors: list[dict]) -> Iterator[tuple[list[str], np.ndarray]]:
+             stored: image_files.JpegOptions, errors: list[dict]
+             ) -> Iterator[tuple[list[str], np.ndarray]]:
   names, images = [], []
   for path in paths:
     try:
       with open(path, "rb") as f:
-        images.append(pipeline.decode_image(f.read(), opts.height, opts.width, opts.resize))
+        # As the converter stored the training posters, then as the pipeline decodes them.
+        data = image_files.to_jpeg(f.read(), stored)
+      images.append(pipeline.decode_image(data, opts.height, opts.width, opts.resize))
       names.append(path)
     except Exception as e:  # PIL raises many types for bad files
       errors.append({"path": path, "error": f"{type(e).__name__}: {e}"})
@@ -71,7 +75,8 @@ def predict_files(workdir: str, patterns: Sequence[str], *, step: str | int = "b
   num_devices = mesh.devices.size
   size = -(-size // num_devices) * num_devices
   predictions, errors = [], []
-  for names, images in _batches(expand_paths(patterns), size, opts, errors):
+  stored = image_files.dataset_options(config.get("data_dir"))
+  for names, images in _batches(expand_paths(patterns), size, opts, stored, errors):
     padded = np.zeros((size, *images.shape[1:]), np.uint8)
     padded[: len(images)] = images
     probs = np.asarray(eval_fn(state, train.global_batch({"image": padded}, mesh)))[: len(names)]

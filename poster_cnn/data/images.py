@@ -19,12 +19,14 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
+from absl import logging
 from PIL import Image, UnidentifiedImageError
 
 from poster_cnn.data import csv_rows, workers
 
 # 40 MP is far above any poster scan yet keeps a worker's decoded image under 120 MB.
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+DEFAULT_JPEG_QUALITY = 95
 _CHUNK = 16  # images per worker task: amortises inter-process overhead
 
 
@@ -35,6 +37,21 @@ class JpegOptions:
   size: tuple[int, int] | None  # (height, width); None keeps each poster's size
   quality: int
   max_pixels: int
+
+
+def dataset_options(data_dir: str | os.PathLike | None) -> JpegOptions:
+  """The options the dataset at `data_dir` was converted with (its metadata records
+  them); the converter's defaults when it cannot be read."""
+  from poster_cnn.data import records  # here: the workers' imports stay light
+  try:
+    meta = records.read_metadata(data_dir)
+  except (OSError, ValueError, TypeError) as e:
+    logging.warning("dataset %s unreadable (%s): preparing images with the converter's "
+                    "default options", data_dir, e)
+    return JpegOptions(None, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_IMAGE_PIXELS)
+  args = meta.extra.get("conversion", {}).get("arguments", {})
+  return JpegOptions(meta.image_size, int(args.get("jpeg_quality", DEFAULT_JPEG_QUALITY)),
+                     int(args.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)))
 
 
 @contextlib.contextmanager
@@ -66,9 +83,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
   return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def _to_jpeg(data: bytes, opts: JpegOptions) -> bytes:
+def to_jpeg(data: bytes, opts: JpegOptions) -> bytes:
   """Validated RGB JPEG bytes: `data` itself when it already is one and no resize is
-  asked, else decoded, converted and re-encoded."""
+  asked, else decoded, converted and re-encoded.
+
+  The one way an image file becomes what the model sees, before the pipeline's
+  decode_image: the converter stores its output, and prediction passes a file through
+  it too (with the dataset's options, `dataset_options`), so that 16-bit, palette or
+  transparent images reach the model exactly as the training posters did.
+  Raises what PIL raises for an unreadable file or one over `opts.max_pixels`.
+  """
   with _pixel_limit(opts.max_pixels):
     img = Image.open(io.BytesIO(data))  # checks the pixel count in the header
     if opts.size and img.format == "JPEG":
@@ -104,7 +128,7 @@ def convert_image(candidates: Sequence[str], opts: JpegOptions) -> tuple[bytes |
   if not data:
     return None, "empty_image", f"{path} is empty (0 bytes)"
   try:
-    return _to_jpeg(data, opts), "", ""
+    return to_jpeg(data, opts), "", ""
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
     return None, "decompression_bomb", f"{path}: {e}"
   except UnidentifiedImageError:
