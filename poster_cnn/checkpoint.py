@@ -83,6 +83,8 @@ def create_manager(workdir: str | os.PathLike, *, keep: int = 3,
       ocp.checkpoint_managers.BestN(get_metric_fn=_best_fn, n=1,
                                     keep_checkpoints_without_metrics=False),
   ])
+  if not read_only:
+    _LOST_SAVES.directories.add(checkpoint_dir(workdir))
   options = ocp.CheckpointManagerOptions(
       best_fn=_best_fn, best_mode="max", preservation_policy=policy,
       enable_async_checkpointing=not read_only, read_only=read_only,
@@ -168,6 +170,28 @@ def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(os.fspath(manager.directory), str(step))
 
 
+class _LostSaveTracebacks(pylogging.Filter):
+  """Shortens to one line what orbax's writer threads log, with a traceback, about a save
+  whose checkpoints/ directory was deleted under it; finish() reports the loss."""
+
+  def __init__(self):
+    super().__init__()
+    self.directories: set[str] = set()
+
+  def filter(self, record) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, FileNotFoundError) and any(
+        str(error.filename or "").startswith(d + os.sep) for d in self.directories):
+      record.exc_info, record.exc_text = None, None
+      record.msg, record.args = "a checkpoint lost its directory: %s", (error,)
+      record.levelno, record.levelname = pylogging.WARNING, "WARNING"
+    return True
+
+
+_LOST_SAVES = _LostSaveTracebacks()
+pylogging.getLogger("absl").addFilter(_LOST_SAVES)
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          data_iter: grain.DatasetIterator | None, metrics: dict | None = None,
          *, force: bool = True) -> bool:
@@ -191,8 +215,39 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
     digest[DATA_ITER_ITEM] = [bytes(d).hex() for d in _all_processes(mine)]
     items[DATA_ITER_ITEM] = grain.checkpoint.CheckpointSave(data_iter)
   items[DIGEST_ITEM] = ocp.args.JsonSave(digest)
+  finish(manager)  # orbax would wait for the previous save too, and raise what it raised
   _recreate_if_deleted(manager)
-  return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+  try:
+    return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+  except Exception as e:
+    if _lost_directory(e) is None:
+      raise
+    logging.warning("checkpoint %d lost: %s was deleted while it was written (%s)", step,
+                    manager.directory, _first_line(_lost_directory(e)))
+    _recreate_if_deleted(manager)
+    return False
+
+
+def _lost_directory(e: BaseException) -> FileNotFoundError | None:
+  """The FileNotFoundError behind `e`, if any (a checkpoint directory deleted under a save)."""
+  while e is not None and not isinstance(e, FileNotFoundError):
+    e = e.__cause__ or e.__context__
+  return e
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+  """Waits for the saves in flight. One whose directory was deleted meanwhile (rm -rf
+  WORKDIR/checkpoints) is lost with a warning, not a traceback."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:
+    cause = _lost_directory(e)
+    if cause is None and os.path.isdir(os.fspath(manager.directory)):
+      raise
+    logging.warning("%s was deleted while a checkpoint was written into it: that checkpoint "
+                    "is lost (%s)", manager.directory, _first_line(cause or e))
+    if os.path.isdir(os.fspath(manager.directory)):
+      manager.reload()
 
 
 def _recreate_if_deleted(manager: ocp.CheckpointManager) -> None:
@@ -200,7 +255,7 @@ def _recreate_if_deleted(manager: ocp.CheckpointManager) -> None:
   if os.path.isdir(directory):
     return
   # Deleted while training ran (rm -rf WORKDIR/checkpoints): the run goes on saving.
-  manager.wait_until_finished()
+  finish(manager)
   if jax.process_index() == 0:
     logging.warning("%s was deleted during the run: recreating it; the checkpoints it "
                     "held are lost", directory)
@@ -370,7 +425,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
 
 def last_verified(manager: ocp.CheckpointManager, abstract_state: Any) -> int | None:
   """The newest step that restores and matches its digest (None if none does)."""
-  manager.wait_until_finished()
+  finish(manager)
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       restore(manager, step, abstract_state)

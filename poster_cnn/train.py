@@ -418,7 +418,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           logging.warning("stopping at step %d after preemption", step)
           break
     finally:
-      manager.wait_until_finished()
+      checkpoint.finish(manager)
       writer.close()
       _close(train_iter)
   logging.info("trained %d steps in %s", step - start_step,

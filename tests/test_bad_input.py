@@ -297,3 +297,23 @@ def test_damaged_checkpoints_are_reported_and_fallen_back_from(setup, tmp_path, 
   # The sound checkpoint is neither moved nor changed.
   assert snapshot(tmp_path / "checkpoints" / "1") == sound
   assert [d.split("-")[0] for d in os.listdir(tmp_path / "checkpoints_broken")] == ["2"]
+
+
+def test_checkpoints_deleted_mid_run_are_recreated_without_a_traceback(tiny_dataset, tmp_path):
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "poster_cnn.main", f"--config={REPO}/configs/tiny.py",
+       f"--config.data_dir={tiny_dataset}", f"--workdir={tmp_path}",
+       "--config.num_train_steps=24", "--config.checkpoint_every_steps=2",
+       "--config.eval_every_steps=100", "--config.log_every_steps=100"],
+      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 240
+  while not (tmp_path / "checkpoints" / "4").exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+  # As `rm -rf` does it, but at once: the run keeps writing into the directory.
+  os.rename(tmp_path / "checkpoints", tmp_path / "gone")
+  shutil.rmtree(tmp_path / "gone")
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0 and "Traceback" not in err, "\n".join(
+      line for line in err.splitlines() if "poster_cnn" in line or "Error" in line)
+  assert checkpoint.create_manager(tmp_path, read_only=True).latest_step() == 24

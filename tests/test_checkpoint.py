@@ -182,3 +182,20 @@ def test_nan_loss_saves_nothing_and_names_the_last_verified(tiny_dataset, tmp_pa
   with pytest.raises(train.NonFiniteLossError, match="last good checkpoint: none"):
     train.train_and_evaluate(c, str(tmp_path))
   assert not glob.glob(str(tmp_path / "checkpoints" / "[0-9]*"))
+
+
+def test_every_checkpoint_unreadable_trains_afresh_from_a_fresh_iterator(tiny_dataset,
+                                                                         tmp_path):
+  from poster_cnn import logs
+  c = tiny.get_config()
+  c.data_dir = tiny_dataset
+  c.num_train_steps, c.checkpoint_every_steps, c.log_every_steps = 4, 2, 1
+  c.eval_every_steps = 100
+  train.train_and_evaluate(c, str(tmp_path))
+  for step in (2, 4):
+    _truncate(str(tmp_path / "checkpoints" / str(step)))
+  train.train_and_evaluate(c, str(tmp_path))
+  losses = [(r["step"], r["loss"]) for r in logs.read_metrics(tmp_path) if r["split"] == "train"]
+  # The second run repeats the first exactly: same initial state, same batches.
+  assert [s for s, _ in losses] == [1, 2, 3, 4] * 2
+  assert losses[:4] == losses[4:]
