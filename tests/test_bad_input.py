@@ -271,8 +271,8 @@ CHECKPOINT_DAMAGE = {**DAMAGE, "every_checkpoint": _all_damaged,
 
 
 @pytest.mark.parametrize("damage", sorted(CHECKPOINT_DAMAGE))
-def test_damaged_checkpoints_are_reported_and_fallen_back_from(setup, tmp_path, caplog,  # noqa: F811
-                                                               capfd, damage):
+def test_damaged_checkpoints_are_reported_and_fallen_back_from(  # noqa: F811 (setup)
+    setup, tmp_path, caplog, capfd, damage):
   c, state, abstract = setup
   manager = _save_steps(tmp_path, c, state)
   sound = snapshot(tmp_path / "checkpoints" / "1")
