@@ -289,6 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_step = int(state.step)
 
   writer = logs.MetricWriter(workdir, enabled=is_chief)
+  posters = _tensorboard_posters(config, meta) if is_chief else None
   logging.info("process %d/%d, devices: %d global, %d local (%s); %d steps of %d "
                "(%d per epoch) from step %d; 3x3 convolutions: %s", jax.process_index(),
                jax.process_count(), jax.device_count(), jax.local_device_count(),
@@ -326,9 +327,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         evaluate_now = step % eval_every == 0 or step == total_steps
         if evaluate_now:
           _check_finite(pending, manager)
-          last_eval, _ = evaluate_split(config, state, eval_fn, mesh, config.data_dir,
-                                        config.eval_split, loss_fn)
+          last_eval, preds = evaluate_split(config, state, eval_fn, mesh, config.data_dir,
+                                            config.eval_split, loss_fn)
           writer.write(step, last_eval, split=config.eval_split)
+          if posters is not None:  # the split's first records, as preds are ordered
+            n = len(posters)
+            writer.write_posters(step, config.eval_split, posters, logs.captions(
+                preds["labels"][:n], preds["scores"][:n], meta.vocabulary, config.top_k))
           logging.info("step %d  %s macro mAP %.4f  micro mAP %.4f  F1@top%d %.4f", step,
                        config.eval_split, last_eval["macro_map"], last_eval["micro_map"],
                        config.top_k, last_eval.get(f"f1_top{config.top_k}", float("nan")))
@@ -344,11 +349,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           break
     finally:
       manager.wait_until_finished()
+      writer.write_hparams(config, last_eval)
       writer.close()
       inference.close(train_iter)
   logging.info("trained %d steps in %s", step - start_step,
                _format_seconds(time.perf_counter() - run_start))
   return last_eval
+
+
+def _tensorboard_posters(config, meta: records.DatasetMetadata, n: int = 8
+                         ) -> np.ndarray | None:
+  """The first `n` posters of the eval split as the model sees them, uint8 (n, H, W, 3)."""
+  if not config.eval_split:
+    return None
+  size = min(n, meta.splits[config.eval_split].num_examples)
+  img = config.image
+  return np.stack([pipeline.decode_image(ex["image"], img.height, img.width, img.resize)
+                   for ex in inference.read_examples(config.data_dir, config.eval_split,
+                                                     range(size))])
 
 
 def _next_batch(it, step: int, config) -> dict:
