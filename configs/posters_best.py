@@ -9,7 +9,7 @@ Convert the sample as in configs/posters_sample.py, then
     poster-cnn --mode=evaluate --workdir=RUN      # best (validation) checkpoint, test split
 """
 
-from configs import posters_sample
+from poster_cnn.configs import posters_sample
 
 
 def get_config():

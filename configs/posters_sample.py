@@ -18,7 +18,7 @@ posters kept at their own 182x268 size, resized by the input pipeline):
     poster-cnn --mode=evaluate --workdir=RUN      # best (validation) checkpoint, test split
 """
 
-from configs import paper
+from poster_cnn.configs import paper
 
 
 def get_config():

@@ -43,34 +43,6 @@ def checkpoint_dir(workdir: str | os.PathLike) -> str:
   return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
 
 
-# What a run needs besides its checkpoints (config, vocabulary), beside them in the
-# workdir; written by train.write_run_info.
-RUN_INFO_FILE = "run_info.json"
-
-
-def locate(path: str | os.PathLike, step: str | int = "best") -> tuple[str, str | int]:
-  """(workdir, step) from a training workdir or one of its checkpoint directories.
-
-  `WORKDIR/checkpoints/N` means step N of WORKDIR (then `step` must be left at
-  'best' or name N too); `WORKDIR` and `WORKDIR/checkpoints` keep `step`.
-  """
-  path = os.path.abspath(os.fspath(path))
-  if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
-    workdir, found = os.path.dirname(os.path.dirname(path)), int(os.path.basename(path))
-    if str(step) not in ("best", str(found)):
-      raise ValueError(f"{path} is the checkpoint of step {found}, but step {step!r} was asked "
-                       "for: pass the workdir with a step, or the checkpoint alone")
-    step = found
-  elif os.path.basename(path) == "checkpoints":
-    workdir = os.path.dirname(path)
-  else:
-    workdir = path
-  if not os.path.exists(os.path.join(workdir, RUN_INFO_FILE)):
-    raise ValueError(f"{path} is neither a training workdir (no {RUN_INFO_FILE} in {workdir}) nor "
-                     "one of its checkpoints (WORKDIR/checkpoints/STEP)")
-  return workdir, step
-
-
 def create_manager(workdir: str | os.PathLike, *, keep: int = 3,
                    read_only: bool = False) -> ocp.CheckpointManager:
   """A manager keeping the latest `keep` checkpoints and the best by macro mAP.

@@ -107,7 +107,8 @@ def test_weight_average_follows_the_recurrence_and_is_what_evaluation_uses(tiny_
 
   batch = train.global_batch({"image": next(it)["image"]}, mesh)
   via_ema = state.apply_fn(state.ema, batch["image"], train=False)
-  np.testing.assert_allclose(eval_fn(state, batch), jax.nn.sigmoid(via_ema), rtol=1e-5)
+  np.testing.assert_allclose(eval_fn(state.inference_variables(), batch), jax.nn.sigmoid(via_ema),
+                             rtol=1e-5)
 
   # The average is part of the checkpoint.
   manager = checkpoint.create_manager(tmp_path)
