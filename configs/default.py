@@ -22,7 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   c.model = ml_collections.ConfigDict(dict(
-      name="paper_cnn",  # 'paper_cnn' or 'resnet'; each reads its own fields below
+      # 'paper_cnn', 'resnet' or 'efficientnet_lite0'; each reads its own fields below
+      name="paper_cnn",
       # paper_cnn:
       conv_features=(16, 32, 64, 128),
       conv_dropout=(0.1, 0.0, 0.2, 0.0),
@@ -32,8 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
       stem_features=16,
       stage_features=(32, 64, 128, 256),
       blocks_per_stage=(1, 1, 1, 1),
-      head_dropout=0.2,
-      # both:
+      head_dropout=0.2,  # also efficientnet_lite0's, before its classifier
+      # efficientnet_lite0 (ImageNet weights: poster-cnn-convert-weights, then init_from):
+      drop_connect_rate=0.2,  # stochastic depth of the last block; 0 = off
+      # all:
       bn_momentum=0.99,
       bn_epsilon=1e-3,
       # How the 3x3 convolutions are computed (same parameters, same results):
