@@ -21,6 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
       random_crop=False, crop_min_area=0.6, horizontal_flip=False, color_jitter=0.0,
   ))
 
+  # A checkpoint to start from: poster-cnn-convert-weights' output (ImageNet weights) or a
+  # training checkpoint (WORKDIR/checkpoints/STEP). Variables are matched by name and shape;
+  # a classifier of another shape ('head') is re-initialised. '' = random init.
+  c.init_from = ""
+
   c.model = ml_collections.ConfigDict(dict(
       # 'paper_cnn', 'resnet' or 'efficientnet_lite0'; each reads its own fields below
       name="paper_cnn",
@@ -67,6 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
       warmup_steps=0,
       grad_clip_norm=0.0,  # 0 = off
       accumulate_steps=1,
+      # Models with a classifier named 'head' (efficientnet_lite0), for fine-tuning: the
+      # backbone's learning rate is this times the head's; freeze_backbone keeps it fixed.
+      backbone_lr_multiplier=1.0,
+      freeze_backbone=False,
   ))
   # > 0: keep an exponential moving average of the weights (and BatchNorm statistics)
   # and evaluate, select checkpoints and predict with it; 0 = off.
