@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
       head_dropout=0.2,  # also efficientnet_lite0's, before its classifier
       # efficientnet_lite0 (ImageNet weights: poster-cnn-convert-weights, then init_from):
       drop_connect_rate=0.2,  # stochastic depth of the last block; 0 = off
+      # Depthwise convolutions: 'auto' ('taps' on CPU, where XLA's are slow; else 'xla'),
+      # 'taps' or 'xla'; same parameters, same results (poster_cnn/efficientnet.py).
+      depthwise_impl="auto",
       # all:
       bn_momentum=0.99,
       bn_epsilon=1e-3,

@@ -29,7 +29,9 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 Dtype = Any
 
@@ -69,6 +71,76 @@ def normalize_imagenet(images: jnp.ndarray, dtype: Dtype) -> jnp.ndarray:
   return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
 
 
+# ---------------------------------------------------------------- depthwise convolutions
+#
+# XLA's CPU depthwise convolution (feature_group_count = channels) is very slow, above all
+# its gradients: 33 s against 1.6 s for the forward and backward of one 3x3 stride-2 layer of
+# this network at batch 32 (96x64x96), and 7-20x across its layers (docs/BENCHMARKS.md).
+# Summing the k*k shifted, strided input slices times their per-channel weights computes
+# the same convolution as elementwise loops that XLA fuses, and so do its gradients.
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  """TensorFlow's 'SAME' padding (low, high) of one dimension; the output is ceil(size / stride)."""
+  total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def depthwise_taps(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+  """Depthwise 'SAME' convolution, what lax.conv_general_dilated(..., feature_group_count=C)
+  computes: x (B, H, W, C), kernel (k, k, 1, C) -> (B, ceil(H / s), ceil(W / s), C)."""
+  k = kernel.shape[0]
+  b, h, w, c = x.shape
+  (ph, qh), (pw, qw) = same_padding(h, k, stride), same_padding(w, k, stride)
+  xp = jnp.pad(x, ((0, 0), (ph, qh), (pw, qw), (0, 0)))
+  oh, ow = -(-h // stride), -(-w // stride)
+  out = None
+  for i in range(k):
+    for j in range(k):
+      end = (b, i + stride * (oh - 1) + 1, j + stride * (ow - 1) + 1, c)
+      tap = lax.slice(xp, (0, i, j, 0), end, (1, stride, stride, 1)) * kernel[i, j, 0]
+      out = tap if out is None else out + tap
+  return out
+
+
+def depthwise_xla(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+  return lax.conv_general_dilated(x, kernel, (stride, stride), "SAME",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=x.shape[-1])
+
+
+DEPTHWISE_IMPLS = {"xla": depthwise_xla, "taps": depthwise_taps}
+
+
+def resolve_depthwise_impl(impl: str, backend: str | None = None) -> str:
+  """'auto' -> 'taps' on CPU (XLA's depthwise convolutions are slow there), else 'xla'."""
+  if impl != "auto":
+    return impl
+  return "taps" if (backend or jax.default_backend()) == "cpu" else "xla"
+
+
+class DepthwiseConv(nn.Module):
+  """nn.Conv(C, (k, k), strides, padding='SAME', feature_group_count=C, use_bias=False) with a
+  choice of formulation; the same 'kernel' (k, k, 1, C), lecun-normal, float32."""
+
+  kernel_size: int
+  stride: int = 1
+  impl: str = "xla"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    if self.impl not in DEPTHWISE_IMPLS:
+      raise ValueError(f"unknown depthwise impl {self.impl!r}; known: {sorted(DEPTHWISE_IMPLS)}")
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (self.kernel_size, self.kernel_size, 1, x.shape[-1]), jnp.float32)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    return DEPTHWISE_IMPLS[self.impl](x, kernel, self.stride)
+
+
+# ---------------------------------------------------------------- the network
+
+
 class MBConv(nn.Module):
   """A mobile inverted bottleneck without squeeze-and-excitation (the lite block)."""
 
@@ -77,8 +149,9 @@ class MBConv(nn.Module):
   stride: int
   expand: int
   drop_connect_rate: float
-  norm: Any  # functools.partial(nn.BatchNorm, ...) with the model's settings
+  norm: Any  # (name) -> nn.BatchNorm with the model's settings
   dtype: Dtype = jnp.float32
+  depthwise_impl: str = "xla"
 
   @nn.compact
   def __call__(self, inputs: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -89,8 +162,8 @@ class MBConv(nn.Module):
     width = inputs.shape[-1] * self.expand
     if self.expand != 1:
       x = nn.relu6(self.norm(name="expand_bn")(conv(width, 1, "expand_conv")(x)))
-    x = conv(width, self.kernel, "depthwise_conv", strides=(self.stride, self.stride),
-             feature_group_count=width)(x)
+    x = DepthwiseConv(self.kernel, self.stride, self.depthwise_impl, self.dtype,
+                      name="depthwise_conv")(x)
     x = nn.relu6(self.norm(name="depthwise_bn")(x))
     x = self.norm(name="project_bn")(conv(self.features, 1, "project_conv")(x))
     if self.stride == 1 and inputs.shape[-1] == self.features:
@@ -120,6 +193,7 @@ class EfficientNetLite(nn.Module):
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
   dtype: Dtype = jnp.float32  # computation dtype; params stay float32
+  depthwise_impl: str = "xla"  # a key of DEPTHWISE_IMPLS (resolve_depthwise_impl('auto'))
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -136,7 +210,7 @@ class EfficientNetLite(nn.Module):
       for repeat in range(stage.repeats):
         x = MBConv(stage.features, stage.kernel, stage.stride if repeat == 0 else 1,
                    stage.expand, self.drop_connect_rate * index / num_blocks,
-                   norm, self.dtype, name=f"block_{index}")(x, train=train)
+                   norm, self.dtype, self.depthwise_impl, name=f"block_{index}")(x, train=train)
         index += 1
     x = nn.Conv(self.head_features, (1, 1), use_bias=False, dtype=self.dtype,
                 name="head_conv")(x)

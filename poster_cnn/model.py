@@ -341,6 +341,7 @@ def create_model(config, num_classes: int, dtype: Dtype = jnp.float32) -> nn.Mod
     return efficientnet.EfficientNetLite(
         num_classes=num_classes, head_dropout=m.head_dropout,
         drop_connect_rate=m.get("drop_connect_rate", 0.2), bn_momentum=m.bn_momentum,
-        bn_epsilon=m.bn_epsilon, dtype=dtype)
+        bn_epsilon=m.bn_epsilon, dtype=dtype,
+        depthwise_impl=efficientnet.resolve_depthwise_impl(m.get("depthwise_impl", "auto")))
   raise ValueError(f"unknown --config.model.name={m.name!r}; known: 'paper_cnn', 'resnet', "
                    "'efficientnet_lite0'")

@@ -205,3 +205,30 @@ def test_matching_names_every_mismatched_shape(imagenet_variables):
   assert "params/stem_bn/scale" in message and "batch_stats/stem_bn/mean" in message
   assert "block_0/depthwise_conv" in message
   assert "head/" not in message  # the head is re-initialised, not an error
+
+
+# ---------------------------------------------------------------- depthwise formulations
+
+
+@pytest.mark.parametrize("size, kernel, stride", [((9, 6), 5, 2), ((7, 4), 3, 1)])
+def test_depthwise_taps_match_xla_with_gradients(size, kernel, stride):
+  x = jax.random.normal(jax.random.key(0), (2, *size, 4))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 4))
+  loss = lambda f: jax.jit(jax.value_and_grad(
+      lambda x, w: jnp.sum(jnp.sin(f(x, w, stride))), argnums=(0, 1)))(x, w)
+  (v_taps, g_taps), (v_xla, g_xla) = loss(efficientnet.depthwise_taps), loss(
+      efficientnet.depthwise_xla)
+  np.testing.assert_allclose(v_taps, v_xla, rtol=1e-5)
+  for a, b in zip(g_taps, g_xla):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert efficientnet.depthwise_taps(x, w, stride).shape == (
+      2, -(-size[0] // stride), -(-size[1] // stride), 4)
+
+
+def test_depthwise_impls_share_parameters_and_logits(imagenet_variables):
+  x = np.load(os.path.join(DATA, "efficientnet_lite0_logits.npz"))["images"][:1, :40, :24]
+  run = lambda impl: jax.jit(lambda v: efficientnet.EfficientNetLite(
+      num_classes=1000, depthwise_impl=impl).apply(v, x, train=False))(imagenet_variables)
+  np.testing.assert_allclose(run("taps"), run("xla"), rtol=1e-4, atol=1e-4)
+  assert efficientnet.resolve_depthwise_impl("auto", "cpu") == "taps"
+  assert efficientnet.resolve_depthwise_impl("auto", "gpu") == "xla"
