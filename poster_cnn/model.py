@@ -342,6 +342,9 @@ def create_model(config, num_classes: int, dtype: Dtype = jnp.float32) -> nn.Mod
         num_classes=num_classes, head_dropout=m.head_dropout,
         drop_connect_rate=m.get("drop_connect_rate", 0.2), bn_momentum=m.bn_momentum,
         bn_epsilon=m.bn_epsilon, dtype=dtype,
-        depthwise_impl=efficientnet.resolve_depthwise_impl(m.get("depthwise_impl", "auto")))
+        depthwise_impl=efficientnet.resolve_depthwise_impl(m.get("depthwise_impl", "auto")),
+        # A frozen backbone needs no gradient: skip its backward pass (optimizer.py zeroes
+        # its updates either way).
+        stop_backbone_gradient=bool(config.optimizer.get("freeze_backbone", False)))
   raise ValueError(f"unknown --config.model.name={m.name!r}; known: 'paper_cnn', 'resnet', "
                    "'efficientnet_lite0'")

@@ -232,3 +232,17 @@ def test_depthwise_impls_share_parameters_and_logits(imagenet_variables):
   np.testing.assert_allclose(run("taps"), run("xla"), rtol=1e-4, atol=1e-4)
   assert efficientnet.resolve_depthwise_impl("auto", "cpu") == "taps"
   assert efficientnet.resolve_depthwise_impl("auto", "gpu") == "xla"
+
+
+def test_a_frozen_backbone_gets_no_gradient(imagenet_variables):
+  config = default.get_config()
+  config.model.name = "efficientnet_lite0"
+  config.optimizer.freeze_backbone = True
+  m = model_lib.create_model(config, num_classes=1000)
+  assert m.stop_backbone_gradient
+  x = np.load(os.path.join(DATA, "efficientnet_lite0_logits.npz"))["images"][:1, :32, :32]
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(m.apply(
+      {"params": p, "batch_stats": imagenet_variables["batch_stats"]}, x, train=False))))(
+          imagenet_variables["params"])
+  assert not any(np.any(g) for k, v in grads.items() if k != "head" for g in jax.tree.leaves(v))
+  assert np.any(grads["head"]["kernel"])
