@@ -75,7 +75,7 @@ def normalize_imagenet(images: jnp.ndarray, dtype: Dtype) -> jnp.ndarray:
 #
 # XLA's CPU depthwise convolution (feature_group_count = channels) is very slow, above all
 # its gradients: 33 s against 1.6 s for the forward and backward of one 3x3 stride-2 layer of
-# this network at batch 32 (96x64x96), and 7-20x across its layers (docs/BENCHMARKS.md).
+# this network at batch 32 (96x64x96), and 7-20x across its layers (benchmarks/depthwise_conv.py).
 # Summing the k*k shifted, strided input slices times their per-channel weights computes
 # the same convolution as elementwise loops that XLA fuses, and so do its gradients.
 
