@@ -33,10 +33,10 @@ from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-SAMPLE_CSV = os.path.join(REPO, "..", "shared", "data", "movie-posters-sample", "MovieGenre.csv")
+SAMPLE_CSV = os.path.join(REPO, "..", "shared", "data", "movie-posters", "MovieGenre.csv")
 
 _CSV = flags.DEFINE_string("csv", SAMPLE_CSV if os.path.exists(SAMPLE_CSV) else None,
-                           "A CSV to convert (default: the shared 4,464-poster sample).")
+                           "A CSV to convert (default: the shared 13,419 real posters).")
 _IMAGE_DIR = flags.DEFINE_string("image_dir", None,
                                  "Its posters (default: found by the converter).")
 _SYNTHETIC = flags.DEFINE_integer("synthetic", 20000, "Synthetic posters to generate; 0: none.")

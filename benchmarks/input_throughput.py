@@ -33,9 +33,9 @@ sys.path.insert(0, REPO)
 from poster_cnn.data import convert, pipeline, synthetic  # noqa: E402
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "A converted dataset; default: convert "
-                                "../shared/data/movie-posters-sample into a temp dir.")
+                                "../shared/data/movie-posters into a temp dir.")
 _SAMPLE = flags.DEFINE_string("sample", os.path.join(REPO, "..", "shared", "data",
-                                                     "movie-posters-sample"),
+                                                     "movie-posters"),
                               "Kaggle-layout folder converted when --data_dir is not given.")
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Worker process counts to time.")
 _IMAGE = flags.DEFINE_integer("image", 224, "Square output size.")

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from poster_cnn import onednn_conv
+from poster_cnn import efficientnet, onednn_conv
 
 Dtype = Any
 
@@ -336,4 +336,15 @@ def create_model(config, num_classes: int, dtype: Dtype = jnp.float32) -> nn.Mod
     return PosterResNet(stem_features=m.stem_features, stage_features=tuple(m.stage_features),
                         blocks_per_stage=tuple(m.blocks_per_stage),
                         head_dropout=m.head_dropout, **common)
-  raise ValueError(f"unknown --config.model.name={m.name!r}; known: 'paper_cnn', 'resnet'")
+  if m.name == "efficientnet_lite0":
+    # Its convolutions are strided or depthwise: conv_impl does not apply.
+    return efficientnet.EfficientNetLite(
+        num_classes=num_classes, head_dropout=m.head_dropout,
+        drop_connect_rate=m.get("drop_connect_rate", 0.2), bn_momentum=m.bn_momentum,
+        bn_epsilon=m.bn_epsilon, dtype=dtype,
+        depthwise_impl=efficientnet.resolve_depthwise_impl(m.get("depthwise_impl", "auto")),
+        # A frozen backbone needs no gradient: skip its backward pass (optimizer.py zeroes
+        # its updates either way).
+        stop_backbone_gradient=bool(config.optimizer.get("freeze_backbone", False)))
+  raise ValueError(f"unknown --config.model.name={m.name!r}; known: 'paper_cnn', 'resnet', "
+                   "'efficientnet_lite0'")

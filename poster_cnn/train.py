@@ -28,6 +28,7 @@ from flax.training import train_state
 
 from poster_cnn import checkpoint, inference, logs, losses, metrics, mixup, optimizer, options
 from poster_cnn import model as model_lib
+from poster_cnn import pretrained
 from poster_cnn.data import pipeline, records
 from poster_cnn.inference import (DATA_AXIS, compute_dtype, create_mesh, global_batch,
                                   image_options)
@@ -78,7 +79,9 @@ def state_factory(config, num_classes: int, total_steps: int, mesh: jax.sharding
 
   Returns (init, abstract, schedule): `init()` creates the replicated state
   directly with its sharding (no host copy); `abstract` is its shapes, dtypes
-  and shardings, the target for restoring a checkpoint.
+  and shardings, the target for restoring a checkpoint. With `config.init_from`
+  set, `init()` first loads the matching variables of that checkpoint
+  (poster_cnn/pretrained.py; ValueError naming every mismatch).
   """
   model = inference.create_model(config, num_classes)
   tx, schedule = optimizer.create_optimizer(config.optimizer, total_steps)
@@ -87,10 +90,12 @@ def state_factory(config, num_classes: int, total_steps: int, mesh: jax.sharding
   if not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"--config.ema_decay={ema_decay} must be in [0, 1); 0 turns it off")
 
-  def init():
+  def init(loaded=None):
     init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
     variables = model.init({"params": init_rng}, jnp.zeros((1, *image_shape), jnp.uint8),
                            train=False)
+    if loaded:
+      variables = pretrained.overlay(variables, loaded)
     fields = dict(apply_fn=model.apply, params=variables["params"],
                   batch_stats=variables["batch_stats"], tx=tx,
                   rng=jax.random.key_data(state_rng))
@@ -103,7 +108,16 @@ def state_factory(config, num_classes: int, total_steps: int, mesh: jax.sharding
   shardings = jax.tree.map(lambda _: replicated, shapes)
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-  return jax.jit(init, out_shardings=shardings), abstract, schedule
+  jitted = jax.jit(init, out_shardings=shardings)
+  if not config.get("init_from"):
+    return jitted, abstract, schedule
+
+  def init_from():
+    # Read when the state is made, not here: evaluation builds `abstract` only.
+    fresh = {"params": shapes.params, "batch_stats": shapes.batch_stats}
+    return jitted(pretrained.init_from(config.init_from, fresh))
+
+  return init_from, abstract, schedule
 
 
 def train_step(state: TrainState, batch: dict,

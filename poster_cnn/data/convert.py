@@ -56,6 +56,7 @@ import numpy as np
 from absl import logging
 
 from poster_cnn.data import csv_rows, images, records, tfrecord
+from poster_cnn.data import split_file as split_file_lib
 from poster_cnn.data import splits as splits_lib
 # What convert() raises, importable beside it.
 from poster_cnn.data.csv_rows import ConversionError
@@ -373,6 +374,7 @@ def _check_arguments(*, unlabeled, jpeg_quality, examples_per_shard, num_workers
 def _plan_rows(
     text: str, report: csv_rows.Report, result: dict, layout_flags: dict, vocabulary,
     unlabeled: str, fractions: dict[str, float], seed: int, image_dir: Path,
+    fixed_splits: split_file_lib.SplitFile | None = None,
 ) -> tuple[list[csv_rows.Row], np.ndarray, tuple[str, ...], list]:
   """CSV text -> (rows, uint8 labels (n, k), vocabulary, row indices per split);
   fills `result`'s layout and vocabulary as soon as they are known."""
@@ -391,6 +393,9 @@ def _plan_rows(
   if result["genres_without_rows"]:
     logging.warning("vocabulary genres without any row: %s", result["genres_without_rows"])
   logging.info("%d usable rows (%s layout), %d genres", len(rows), layout.kind, len(vocab))
+  if fixed_splits is not None:
+    return rows, labels, vocab, split_file_lib.plan_from_file([r.id for r in rows],
+                                                              fixed_splits, seed)
   return rows, labels, vocab, splits_lib.plan_splits(labels, list(fractions.values()), seed)
 
 
@@ -415,6 +420,7 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
             encoding: str = "auto", vocabulary: str | Sequence[str] = "paper",
             unlabeled: str = "drop",
             splits: str | dict[str, float] = splits_lib.DEFAULT_SPLITS,
+            split_file: str | os.PathLike | None = None,
             seed: int = 0, image_size: str | Sequence[int] | None = None,
             jpeg_quality: int = 95, examples_per_shard: int = 1000,
             num_workers: int | None = None, max_skipped_fraction: float = 0.05,
@@ -439,6 +445,10 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
                       title_column=title_column, genre_column=genre_column,
                       genre_columns=genre_columns, genre_separator=genre_separator)
   fractions, size = splits_lib.parse_splits(splits), parse_image_size(image_size)
+  # A fixed split (split_file.py) replaces --splits' fractions; its names are the splits.
+  fixed_splits = split_file_lib.read_split_file(split_file) if split_file else None
+  if fixed_splits is not None:
+    fractions = {name: math.nan for name in fixed_splits.names}
   num_workers = default_num_workers() if num_workers is None else num_workers
   _check_arguments(unlabeled=unlabeled, jpeg_quality=jpeg_quality, num_workers=num_workers,
                    examples_per_shard=examples_per_shard, max_image_pixels=max_image_pixels,
@@ -460,7 +470,7 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
   split_sizes = {name: 0 for name in fractions}
   try:
     rows, labels, vocab, plan = _plan_rows(text, report, result, layout_flags, vocabulary,
-                                           unlabeled, fractions, seed, image_dir)
+                                           unlabeled, fractions, seed, image_dir, fixed_splits)
     del text
     logging.info("converting %d posters from %s with %d workers", len(rows), csv_path,
                  num_workers)
@@ -529,6 +539,8 @@ def _define_flags() -> dict:
                                   "Rows with no genre in the vocabulary."),
       splits=text("splits", splits_lib.DEFAULT_SPLITS,
                   "name:fraction,... (train:0.8,test:0.2: the paper)."),
+      split_file=text("split_file", None, "A fixed split instead of --splits: a CSV of "
+                      "id,split (e.g. configs/splits/movie_posters.csv); see split_file.py."),
       seed=number("seed", 0, "Seed of the split assignment and order."),
       image_size=text("image_size", "none", "HEIGHTxWIDTH to resize to, or none."),
       jpeg_quality=number("jpeg_quality", 95, "Quality of re-encoded JPEGs."),
