@@ -21,6 +21,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from poster_cnn import distributed
+
 # Variant configs import `configs.default`; make the repository root importable
 # when running from a checkout.
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,32 +47,6 @@ _IMAGES = flags.DEFINE_list("images", [], "predict: image files, folders or glob
 _TOP_K = flags.DEFINE_integer("top_k", None, "predict: genres to list (default: config.top_k).")
 _FORMAT = flags.DEFINE_enum("format", "table", ["table", "json", "csv"], "predict: output format.")
 _OUTPUT = flags.DEFINE_string("output", None, "predict: write here instead of stdout.")
-_DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "yes", "no"],
-    "Call jax.distributed.initialize(): 'auto' does so when a cluster environment "
-    "(SLURM with several tasks, Cloud TPU pod, JAX_COORDINATOR_ADDRESS) or "
-    "--coordinator_address is given.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, for clusters JAX does not "
-    "detect by itself (with --num_processes and --process_id).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
-
-
-def _cluster_detected() -> bool:
-  env = os.environ
-  return (_COORDINATOR.value is not None or int(env.get("SLURM_NTASKS", "1")) > 1
-          or "JAX_COORDINATOR_ADDRESS" in env
-          or "TPU_WORKER_HOSTNAMES" in env and "," in env["TPU_WORKER_HOSTNAMES"])
-
-
-def _initialize_distributed() -> None:
-  if _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and _cluster_detected()):
-    # CPU processes exchange arrays through gloo; GPU and TPU backends ignore this.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=_COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS"),
-        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
 def _write_predictions(predictions: list[dict]) -> str:
@@ -103,7 +79,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  _initialize_distributed()
+  distributed.initialize()
   logging.info("JAX process %d/%d, %d local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.local_devices())
   workdir, step = _WORKDIR.value, _STEP.value
