@@ -8,6 +8,9 @@ visible devices (`jax_cuda_visible_devices`), as ordinals into CUDA_VISIBLE_DEVI
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 from jax._src import clusters
@@ -105,3 +108,34 @@ def test_cluster_detection():
   assert distributed.cluster_detected({}, coordinator_address="h:1")
   assert distributed.cluster_detected({"TPU_WORKER_HOSTNAMES": "a,b"})
   assert not distributed.cluster_detected({"TPU_WORKER_HOSTNAMES": "a"})
+
+
+_LATE = """
+import sys, time
+import numpy as np
+from absl import flags
+from jax.experimental import multihost_utils
+from poster_cnn import distributed
+flags.FLAGS(sys.argv)
+distributed.initialize()
+import jax
+if jax.process_index() == 1:
+  time.sleep(40)  # a slow restore or compile on one host
+print(multihost_utils.process_allgather(np.full(2, jax.process_index())).tolist())
+"""
+
+
+def test_cpu_processes_may_reach_their_first_collective_minutes_apart():
+  # gloo gives its connections 30 s to form at the first collective unless
+  # initialize() has made them already.
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _LATE, f"--coordinator_address=127.0.0.1:{port}",
+       "--num_processes=2", f"--process_id={i}"], env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for p in procs:
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err[-2000:]
+    assert out.strip().splitlines()[-1] == "[[0, 0], [1, 1]]"
