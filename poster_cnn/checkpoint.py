@@ -11,6 +11,7 @@ with exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -19,7 +20,10 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
+
+from poster_cnn.data import iterator_state
 
 BEST_METRIC = "macro_map"
 
@@ -93,22 +97,60 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
                       metrics=metrics, force=force)
 
 
+class TopologyChanged(ValueError):
+  """The checkpoint's iterator state is of another process or worker count."""
+
+
+def _saved_iterator_topology(manager: ocp.CheckpointManager, step: int,
+                             data_iter: grain.DatasetIterator) -> str | None:
+  """None if `data_iter` can load the state saved at `step` as it is, else what wrote it."""
+  directory = epath.Path(manager.directory) / str(step) / "data_iter"
+  if not directory.exists():
+    return None  # (restore then says what is missing)
+  mine = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if mine.exists():
+    saved = json.loads(mine.read_text())
+    if iterator_state.same_layout(saved, data_iter.get_state()):
+      return None
+    workers = len(saved.get("iterators_in_use_states", ()))
+    return f"{jax.process_count()} process(es) with {workers} input worker(s) each"
+  counts = {f.name.rsplit("-of-", 1)[-1].removesuffix(".json") for f in directory.glob("process_*")}
+  return f"{' or '.join(sorted(counts))} process(es)"
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
-            data_iter: grain.DatasetIterator | None = None) -> Any:
+            data_iter: grain.DatasetIterator | None = None, *,
+            batch_size: int | None = None) -> Any:
   """Restores the state at `step` into `abstract_state`'s shapes and shardings.
 
-  `data_iter`, if given, is moved to the saved position in place.
+  `data_iter`, if given, is moved to the saved position in place. A checkpoint written
+  by another number of processes or input workers holds iterator states this one
+  cannot load; given `batch_size` (this process's), the iterator is then moved to
+  `step` batches into its stream instead (the training loop draws one per step), with
+  a warning saying what that keeps (poster_cnn/data/iterator_state.py); without it,
+  TopologyChanged.
   """
   items = {"state": ocp.args.StandardRestore(abstract_state)}
-  if data_iter is not None:
+  saved_by = None if data_iter is None else _saved_iterator_topology(manager, step, data_iter)
+  if saved_by is not None and batch_size is None:
+    raise TopologyChanged(f"the data iterator at step {step} in {manager.directory} was saved "
+                          f"by {saved_by}, this run has {jax.process_count()}")
+  if data_iter is not None and saved_by is None:
     items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
+  if saved_by is not None:
+    data_iter.set_state(iterator_state.state_after(data_iter.get_state(), step, batch_size))
+    logging.warning(
+        "checkpoint at step %d was saved by %s; this run has %d process(es): each "
+        "process's input resumes %d batches into its stream. The examples ahead are those "
+        "of an uninterrupted run only if the split's size is a multiple of both process "
+        "counts, and augmentation draws differ.", step, saved_by, jax.process_count(), step)
   return restored["state"]
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
-                   data_iter: grain.DatasetIterator | None = None
-                   ) -> tuple[int | None, Any]:
+                   data_iter: grain.DatasetIterator | None = None, *,
+                   batch_size: int | None = None) -> tuple[int | None, Any]:
   """The newest checkpoint that restores; older ones are tried if it is broken.
 
   A preempted or killed run can leave a partial or corrupt latest step;
@@ -123,7 +165,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   try:
     for step in sorted(manager.all_steps(), reverse=True):
       try:
-        return step, restore(manager, step, abstract_state, data_iter)
+        return step, restore(manager, step, abstract_state, data_iter, batch_size=batch_size)
+      except TopologyChanged:
+        raise  # not broken: readable by the topology that wrote it
       except Exception as e:  # orbax raises many types for unreadable data.
         logging.warning("checkpoint at step %d in %s could not be restored (%r); "
                         "trying the previous one", step, manager.directory, e)

@@ -361,7 +361,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = iter(train_ds)
 
   manager = checkpoint.create_manager(workdir, keep=config.keep_checkpoints)
-  restored_step, restored = checkpoint.restore_latest(manager, abstract_state, train_iter)
+  restored_step, restored = checkpoint.restore_latest(
+      manager, abstract_state, train_iter,
+      batch_size=pipeline.local_batch_size(config.batch_size, jax.process_count()))
   if restored is not None:
     state = restored
     logging.info("resumed from checkpoint at step %d", restored_step)
