@@ -27,7 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
+
+from poster_cnn.data import iterator_state
 
 BEST_METRIC = "macro_map"
 DATA_ITER_ITEM = "data_iter"
@@ -264,21 +267,56 @@ def _check_fits(manager: ocp.CheckpointManager, step: int, abstract_state: Any) 
       "restore the config the run was started with")
 
 
+class TopologyChanged(ValueError):
+  """The checkpoint's iterator state is of another process or worker count."""
+
+
+def _saved_iterator_topology(manager: ocp.CheckpointManager, step: int,
+                             data_iter: grain.DatasetIterator) -> str | None:
+  """None if `data_iter` can load the state saved at `step` as it is, else what wrote it."""
+  directory = epath.Path(manager.directory) / str(step) / DATA_ITER_ITEM
+  if not directory.exists():
+    return None  # (restore then says what is missing)
+  mine = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if mine.exists():
+    saved = json.loads(mine.read_text())
+    if iterator_state.same_layout(saved, data_iter.get_state()):
+      return None
+    workers = len(saved.get("iterators_in_use_states", ()))
+    return f"{jax.process_count()} process(es) with {workers} input worker(s) each"
+  counts = {f.name.rsplit("-of-", 1)[-1].removesuffix(".json") for f in directory.glob("process_*")}
+  return f"{' or '.join(sorted(counts))} process(es)"
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
-            data_iter: grain.DatasetIterator | None = None) -> Any:
+            data_iter: grain.DatasetIterator | None = None, *,
+            batch_size: int | None = None) -> Any:
   """Restores the state at `step` into `abstract_state`'s shapes and shardings, and
   checks it against the digests written at save time.
 
   `data_iter`, if given, is moved to the saved position in place, and only once the
-  state and the iterator's file have both verified.
+  state and the iterator's file have both verified. A checkpoint written by another
+  number of processes or input workers holds iterator states this one cannot load;
+  given `batch_size` (this process's), the iterator is then moved to `step` batches
+  into its stream instead (the training loop draws one per step), with a warning
+  saying what that keeps (poster_cnn/data/iterator_state.py).
 
   Raises:
     CorruptCheckpointError: unreadable, or not what was saved (the message names the
       array or file).
     IncompatibleCheckpointError: the checkpoint is sound but holds another state shape.
+    TopologyChanged: saved by another topology, and no `batch_size` to remap with.
   """
   step_dir = _step_dir(manager, step)
   _check_fits(manager, step, abstract_state)
+  try:
+    saved_by = None if data_iter is None else _saved_iterator_topology(manager, step, data_iter)
+  except (OSError, ValueError) as e:  # a damaged iterator file
+    raise CorruptCheckpointError(f"checkpoint {step}: {_iterator_file(step_dir)} cannot be "
+                                 f"read ({type(e).__name__}: {_first_line(e)})") from None
+  if saved_by is not None and batch_size is None:
+    raise TopologyChanged(f"the data iterator at step {step} in {manager.directory} was saved "
+                          f"by {saved_by}, this run has {jax.process_count()}")
   has_digest = os.path.isdir(os.path.join(step_dir, DIGEST_ITEM))
   items = {"state": ocp.args.StandardRestore(abstract_state)}
   if has_digest:
@@ -294,8 +332,9 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
     logging.warning("checkpoint %d in %s has no digest (written before checkpoints carried "
                     "one): restored unverified", step, step_dir)
   else:
-    _verify(step, step_dir, state, restored[DIGEST_ITEM], data_iter)
-  if data_iter is not None:
+    # Another topology's iterator files are not this process's to check or load.
+    _verify(step, step_dir, state, restored[DIGEST_ITEM], data_iter if saved_by is None else None)
+  if data_iter is not None and saved_by is None:
     try:
       manager.restore(step, args=ocp.args.Composite(
           **{DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(data_iter)}))
@@ -303,6 +342,13 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
       raise CorruptCheckpointError(f"checkpoint {step}: the data iterator state in "
                                    f"{os.path.dirname(_iterator_file(step_dir))} cannot be "
                                    f"restored ({type(e).__name__}: {_first_line(e)})") from None
+  elif data_iter is not None:
+    data_iter.set_state(iterator_state.state_after(data_iter.get_state(), step, batch_size))
+    logging.warning(
+        "checkpoint at step %d was saved by %s; this run has %d process(es): each "
+        "process's input resumes %d batches into its stream. The examples ahead are those "
+        "of an uninterrupted run only if the split's size is a multiple of both process "
+        "counts, and augmentation draws differ.", step, saved_by, jax.process_count(), step)
   return state
 
 
@@ -359,8 +405,8 @@ def _quiet_event_loop():
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
-                   data_iter: grain.DatasetIterator | None = None
-                   ) -> tuple[int | None, Any]:
+                   data_iter: grain.DatasetIterator | None = None, *,
+                   batch_size: int | None = None) -> tuple[int | None, Any]:
   """The newest checkpoint that restores and verifies; older ones are tried if it fails.
 
   A preempted or killed run can leave a partial latest step, and a disk can damage
@@ -379,7 +425,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     for step in sorted(manager.all_steps(), reverse=True):
       error = None
       try:
-        state = restore(manager, step, abstract_state, data_iter)
+        state = restore(manager, step, abstract_state, data_iter, batch_size=batch_size)
       except CorruptCheckpointError as e:
         error = str(e)
       # Every process must fall back together (iterator files are per process).

@@ -24,6 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import poster_cnn.configs as shipped_configs
+from poster_cnn import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config: a shipped one by name (" + ", ".join(
@@ -53,32 +54,8 @@ _FORMAT = flags.DEFINE_enum("format", "table", ["table", "json", "csv"], "predic
 _OUTPUT = flags.DEFINE_string(
     "output", None, "predict: write here instead of stdout; evaluate: the summary JSON "
     "(predictions .npz beside it) instead of WORKDIR/evaluations/DATASET/SPLIT_stepN.json.")
-_DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "yes", "no"],
-    "Call jax.distributed.initialize(): 'auto' does so when a cluster environment "
-    "(SLURM with several tasks, Cloud TPU pod, JAX_COORDINATOR_ADDRESS) or "
-    "--coordinator_address is given.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, for clusters JAX does not "
-    "detect by itself (with --num_processes and --process_id).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
-
-
-def _cluster_detected() -> bool:
-  env = os.environ
-  return (_COORDINATOR.value is not None or int(env.get("SLURM_NTASKS", "1")) > 1
-          or "JAX_COORDINATOR_ADDRESS" in env
-          or "TPU_WORKER_HOSTNAMES" in env and "," in env["TPU_WORKER_HOSTNAMES"])
-
-
-def _initialize_distributed() -> None:
-  if _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and _cluster_detected()):
-    # CPU processes exchange arrays through gloo; GPU and TPU backends ignore this.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=_COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS"),
-        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+# --help lists the cluster flags with the others.
+flags.adopt_module_key_flags(distributed)
 
 
 class _QuietLibraries:
@@ -109,7 +86,7 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   if _TOP_K.value is not None and _TOP_K.value <= 0:
     raise app.UsageError(f"--top_k={_TOP_K.value} must be a positive number of genres")
-  _initialize_distributed()
+  distributed.initialize()
   logging.info("JAX process %d/%d, %d local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.local_devices())
   try:
@@ -235,7 +212,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run():
   # `--help` describes the main module's flags, which absl takes to be sys.argv[0]'s
   # (the console script); make this module's flags that script's.
-  for flag in flags.FLAGS.get_flags_for_module(__name__):
+  for flag in flags.FLAGS.get_key_flags_for_module(__name__):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(main, flags_parser=parse_flags)
 

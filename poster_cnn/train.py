@@ -190,13 +190,28 @@ def evaluate_split(config, state: TrainState, eval_fn, mesh, data_dir: str, spli
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so it can save and exit cleanly."""
+  """Turns SIGTERM into a flag the loop checks, so it can save and exit cleanly.
+
+  With several processes they must all stop after the same step (the save is a
+  collective), though the signal reaches each at a different one: jax's
+  preemption service (started by jax.distributed.initialize, with its own
+  SIGTERM handler) agrees on that step, asked through `stop_at` every step.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multiprocess = jax.process_count() > 1
+
+  def stop_at(self, step: int) -> bool:
+    """Whether to save and stop after `step`; call once per step, on every process."""
+    if self._multiprocess:
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def __enter__(self):
+    if self._multiprocess:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. called from a test runner thread)
@@ -300,7 +315,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = iter(train_ds)
 
   manager = checkpoint.create_manager(workdir, keep=config.keep_checkpoints)
-  restored_step, restored = checkpoint.restore_latest(manager, abstract_state, train_iter)
+  restored_step, restored = checkpoint.restore_latest(
+      manager, abstract_state, train_iter,
+      batch_size=pipeline.local_batch_size(config.batch_size, jax.process_count()))
   if restored is not None:
     state = restored
     logging.info("resumed from checkpoint at step %d", restored_step)
@@ -331,6 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         step += 1
         window_steps += 1
         pending.append((step, step_metrics["loss"]))
+        stop = preemption.stop_at(step)
 
         if step % config.log_every_steps == 0 or step == total_steps:
           _check_finite(pending, manager, abstract_state)
@@ -358,7 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           logging.info("step %d  %s macro mAP %.4f  micro mAP %.4f  F1@top%d %.4f", step,
                        config.eval_split, last_eval["macro_map"], last_eval["micro_map"],
                        config.top_k, last_eval.get(f"f1_top{config.top_k}", float("nan")))
-        if evaluate_now or step % ckpt_every == 0 or preemption.requested:
+        if evaluate_now or step % ckpt_every == 0 or stop:
           _check_finite(pending, manager, abstract_state)  # never save a diverged state
           try:
             checkpoint.save(manager, step, state, train_iter,
@@ -369,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           # img/s and ETA measure training alone: the next window starts here, with
           # the steps before the evaluation (already waited for) left out of it.
           window_start, window_steps = time.perf_counter(), 0
-        if preemption.requested:
+        if stop:
           logging.warning("stopping at step %d after preemption", step)
           break
     finally:
