@@ -150,3 +150,14 @@ def test_a_bad_split_stops_training_before_the_workdir_is_written(tiny_dataset, 
   with pytest.raises(options.OptionError, match="its splits"):
     train.train_and_evaluate(_config(tiny_dataset, train_split="nosuch"), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_models_take_their_fields_from_the_config_by_name(tiny_dataset):
+  from poster_cnn import model
+  c = _config(tiny_dataset, **{"model.conv_features": [4, 4, 8, 8], "model.dense_dropout": 0.3,
+                               "model.bn_epsilon": 1e-4})
+  m = model.create_model(c, 5)
+  assert (m.conv_features, m.dense_dropout, m.bn_epsilon, m.num_classes) == (
+      (4, 4, 8, 8), 0.3, 1e-4, 5)
+  del c.model["dense_features"]  # a config saved before a field existed: its default
+  assert model.create_model(c, 5).dense_features == model.PosterCNN.dense_features
