@@ -16,8 +16,6 @@ against the dataset's genres).
 from __future__ import annotations
 
 import os
-import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp

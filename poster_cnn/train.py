@@ -25,6 +25,7 @@ import optax
 from absl import logging
 from flax import struct
 from flax.training import train_state
+from jax.experimental import multihost_utils
 
 from poster_cnn import checkpoint, inference, logs, losses, metrics, mixup, optimizer, options
 from poster_cnn import model as model_lib
