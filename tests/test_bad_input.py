@@ -236,7 +236,7 @@ def test_command_line_prints_the_error_without_a_traceback(tmp_path, kind):
 
 
 def test_sigterm_during_overwrite_leaves_the_old_dataset_and_nothing_else(tmp_path):
-  csv_path, _ = make_kaggle(tmp_path, n=200)
+  csv_path, _ = make_kaggle(tmp_path, n=1000)  # a conversion long enough to be caught in flight
   out = tmp_path / "out"
   conv.convert(csv_path, out, vocabulary=VOCAB, num_workers=0)
   before = snapshot(tmp_path)
