@@ -5,15 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default, tiny
 from poster_cnn import optimizer, pretrained, train
 
-
-def _opt(**overrides):
-  opt = default.get_config().optimizer
-  for k, v in overrides.items():
-    opt[k] = v
-  return opt
+from test_optimizer import _opt
+from test_train import _config
 
 
 def _params():
@@ -52,14 +47,6 @@ def test_bad_multiplier_and_a_model_without_head_are_clear_errors():
   tx, _ = optimizer.create_optimizer(_opt(freeze_backbone=True), 10)
   with pytest.raises(ValueError, match=r"classifier is named 'head'.*\['Conv_0', 'Dense_0'\]"):
     tx.init({"Conv_0": jnp.ones(3), "Dense_0": jnp.ones(2)})
-
-
-def _config(data_dir, **overrides):
-  c = tiny.get_config()
-  c.data_dir = data_dir
-  for k, v in overrides.items():
-    c[k] = v
-  return c
 
 
 def test_init_from_loads_a_checkpoints_variables_into_a_fresh_state(tiny_dataset, tmp_path):
