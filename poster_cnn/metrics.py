@@ -37,6 +37,12 @@ floats/ints, NaN only for degenerate data such as a split without positives):
   hamming_loss, hamming_accuracy, subset_accuracy
                        at the decision thresholds: `thresholds` if given,
                        otherwise 0.5
+  binary_accuracy      fraction of (example, class) decisions right at 0.5:
+                       Keras' `binary_accuracy`, the number the seed paper
+                       reported (97% on its training set)
+  all_negative_accuracy
+                       binary_accuracy of predicting no genre at all
+                       (1 - label density): what binary_accuracy gets for free
   per_class_ap, per_class_auc
                        lists of K floats, None where undefined
 """
@@ -555,6 +561,8 @@ def summarize(scores, labels, mask=None, *, thresholds=None,
   fixed = _prf(scores >= DEFAULT_THRESHOLD, labels)
   out["macro_f1"] = fixed["macro_f1"]
   out["micro_f1"] = fixed["micro_f1"]
+  out["binary_accuracy"] = hamming_accuracy(scores >= DEFAULT_THRESHOLD, labels)
+  out["all_negative_accuracy"] = hamming_accuracy(np.zeros_like(labels), labels)
   if thresholds is not None:
     t = _thresholds_for(thresholds, k_classes)
     calibrated = _prf(scores >= t, labels)

@@ -374,6 +374,7 @@ SUMMARY_KEYS = {
     "f1_top1", "f1_top2", "f1_top3", "precision_top1", "precision_top2", "precision_top3",
     "recall_top1", "recall_top2", "recall_top3", "macro_f1", "micro_f1",
     "hamming_loss", "hamming_accuracy", "subset_accuracy", "per_class_ap", "per_class_auc",
+    "binary_accuracy", "all_negative_accuracy",
 }
 
 
@@ -393,6 +394,8 @@ def test_summarize(case):
   assert s["macro_f1"] == metrics.f1_at_thresholds(scores, labels, 0.5)["macro_f1"]
   assert s["hamming_accuracy"] == metrics.hamming_accuracy(pred, labels)
   assert s["subset_accuracy"] == metrics.subset_accuracy(pred, labels)
+  assert s["binary_accuracy"] == pytest.approx(np.mean(pred == labels.astype(bool)))
+  assert s["all_negative_accuracy"] == pytest.approx(1 - labels.mean())
   for key, value in s.items():
     if key.startswith("per_class"):
       assert isinstance(value, list) and len(value) == labels.shape[1]
@@ -405,6 +408,7 @@ def test_summarize(case):
                                     "recall_top1", "recall_top3"}
                     | {"macro_f1_calibrated", "micro_f1_calibrated"})
   assert c["macro_f1"] == s["macro_f1"]  # still at 0.5
+  assert c["binary_accuracy"] == s["binary_accuracy"]  # the paper's rule, never calibrated
   assert c["macro_f1_calibrated"] == metrics.f1_at_thresholds(scores, labels, t)["macro_f1"]
   assert c["macro_f1_calibrated"] >= s["macro_f1"]  # calibrated on this very data
   assert c["subset_accuracy"] == metrics.subset_accuracy(scores >= t, labels)

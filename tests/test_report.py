@@ -135,6 +135,7 @@ def test_evaluation_saves_per_class_fields_and_predictions(reported):
 
   table = evaluate.format_report(summary)
   assert all(genre in table for genre in VOCAB) and "label prior micro mAP" in table
+  assert "the paper's metric" in table and "no genre at all" in table
 
 
 def test_report_is_redrawn_without_the_model(reported, tmp_path):
