@@ -21,6 +21,7 @@ import importlib.metadata
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 
 _TARGETS = {part: f"poster_cnn_conv3x3_{part}"
             for part in ("forward", "backward_data", "backward_weights")}
@@ -47,8 +48,31 @@ def load_error() -> str | None:
     ext = importlib.import_module("poster_cnn._onednn_conv3x3")
   except (ImportError, OSError) as e:  # PackageNotFoundError is an ImportError
     return f"{type(e).__name__}: {e}"
+  if error := _jaxlib_mismatch(getattr(ext, "built_with_jaxlib", "unknown"), jaxlib.__version__):
+    return error
   for part, target in _TARGETS.items():
     jax.ffi.register_ffi_target(target, getattr(ext, part), platform="cpu")
+  return None
+
+
+def _minor(version: str) -> tuple[int, ...]:
+  return tuple(int(v) for v in version.split(".")[:2])
+
+
+def _jaxlib_mismatch(built: str, installed: str) -> str | None:
+  """Why handlers built against jaxlib `built` cannot run on jaxlib `installed`, or None.
+
+  XLA's FFI accepts handlers built against its own or an older API version, and fails
+  its whole CPU backend at start-up on a newer one (measured: built with jaxlib 0.10's
+  headers, run on 0.8), so a newer build is refused here, before registering.
+  """
+  try:
+    newer = _minor(built) > _minor(installed)
+  except ValueError:  # 'unknown': built outside setup.py
+    return None
+  if newer:
+    return (f"the extension was built against jaxlib {built}, newer than the installed "
+            f"{installed}; reinstall poster_cnn to rebuild it")
   return None
 
 

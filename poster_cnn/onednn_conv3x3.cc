@@ -227,6 +227,13 @@ static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_onednn_conv3x3",
 PyMODINIT_FUNC PyInit__onednn_conv3x3() {
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
+#ifndef POSTER_CNN_BUILT_WITH_JAXLIB  // setup.py defines it
+#define POSTER_CNN_BUILT_WITH_JAXLIB "unknown"
+#endif
+  if (PyModule_AddStringConstant(module, "built_with_jaxlib", POSTER_CNN_BUILT_WITH_JAXLIB) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
   const std::pair<const char*, XLA_FFI_Handler*> handlers[] = {
       {"forward", PosterCnnConv3x3Forward},
       {"backward_data", PosterCnnConv3x3BackwardData},

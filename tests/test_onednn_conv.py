@@ -94,3 +94,11 @@ def test_onednn_off_the_cpu_is_refused(monkeypatch):
   config.model.conv_impl = "onednn"
   with pytest.raises(ValueError, match="conv_impl=onednn runs on the CPU, not gpu"):
     model_lib.create_model(config, 13)
+
+
+def test_an_extension_built_against_a_newer_jaxlib_is_refused_before_registering():
+  # XLA fails its whole CPU backend on handlers of a newer FFI version than its own.
+  assert "built against jaxlib 0.11.0, newer than the installed 0.10.2; reinstall" in (
+      onednn_conv._jaxlib_mismatch("0.11.0", "0.10.2"))
+  for built in ("0.10.0", "0.10.2", "0.5.0", "unknown"):
+    assert onednn_conv._jaxlib_mismatch(built, "0.10.2") is None
