@@ -1,4 +1,5 @@
-"""3x3 'SAME' float32 convolutions on the CPU through oneDNN, as XLA custom calls.
+"""3x3 'SAME' float32 convolutions and 2x2 max pooling on the CPU through oneDNN, as XLA
+custom calls.
 
 XLA's CPU convolutions, and every formulation of them as matmuls, spend most of the
 paper model's CPU train step; oneDNN's direct kernels do the same work about 3x faster
@@ -6,9 +7,13 @@ paper model's CPU train step; oneDNN's direct kernels do the same work about 3x 
 install time (forward, input gradient, kernel gradient) through `jax.ffi`, with a custom
 VJP, so it drops into `jax.jit`, `jax.grad` and the train step like any JAX function, on
 one device or, traced under a mesh, on each device's slice of the batch.
+`conv3x3_bias_relu` is the same convolution with the bias and ReLU fused in, and
+`max_pool_2x2` oneDNN's max pooling with the same values and gradient as
+`model.max_pool_2x2`.
 
 The extension is optional: where it was not built (no C++ compiler at install time, not
-Linux x86-64) or oneDNN cannot be loaded, `available()` is False, `load_error()` says why,
+Linux x86-64), oneDNN cannot be loaded, or it was built against a newer jaxlib than the
+installed one, `available()` is False, `load_error()` says why,
 and `conv_impl='auto'` falls back to 'im2col'.
 """
 
