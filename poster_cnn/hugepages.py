@@ -3,7 +3,8 @@
 The paper model's CPU step allocates and frees activations of tens of MB every step; with
 4 KiB pages the kernel faults each of them in again, every step. glibc's tunable
 `glibc.malloc.hugetlb=1` makes malloc ask for transparent huge pages (madvise) instead;
-the CPU train step then runs about 1.2x faster (docs/BENCHMARKS.md). glibc reads tunables
+the paper model's CPU train step ran 1.2x faster with it on a quiet 2-core machine
+(issue 19's measurement; docs/BENCHMARKS.md). glibc reads tunables
 only when a process starts, so `reexec_with_huge_pages()` re-executes the interpreter,
 with the same arguments and process id, once, with the tunable added to GLIBC_TUNABLES.
 

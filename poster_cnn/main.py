@@ -210,7 +210,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run():
-  hugepages.reexec_with_huge_pages()  # the CPU step is ~1.2x faster with them (hugepages.py)
+  hugepages.reexec_with_huge_pages()  # first: it restarts the process (hugepages.py says why)
   # `--help` describes the main module's flags, which absl takes to be sys.argv[0]'s
   # (the console script); make this module's flags that script's.
   for flag in flags.FLAGS.get_key_flags_for_module(__name__):
