@@ -32,6 +32,7 @@ def _extensions() -> list[Extension]:
     dnnl_hpp = _installed_file("onednn-devel-cpu-gomp", "/oneapi/dnnl/dnnl.hpp")
     libdnnl = _installed_file("onednn-cpu-gomp", "/libdnnl.so")
     jaxlib = pathlib.Path(importlib.util.find_spec("jaxlib").submodule_search_locations[0])
+    jaxlib_version = importlib.metadata.version("jaxlib")
   except (ImportError, FileNotFoundError, AttributeError) as e:
     print(f"poster_cnn: not building the oneDNN convolutions: {e}", file=sys.stderr)
     return []
@@ -41,6 +42,9 @@ def _extensions() -> list[Extension]:
       include_dirs=[str(dnnl_hpp.parents[2]), str(jaxlib / "include")],
       library_dirs=[str(libdnnl.parent)],
       libraries=["dnnl"],
+      # XLA refuses handlers built against a newer FFI than its own: onednn_conv.py checks
+      # this version against the installed jaxlib before registering them.
+      define_macros=[("POSTER_CNN_BUILT_WITH_JAXLIB", f'"{jaxlib_version}"')],
       # XLA's FFI headers warn under GCC (always_inline, missing returns after switches,
       # signedness).
       extra_compile_args=["-std=c++17", "-fvisibility=hidden", "-Wno-attributes",

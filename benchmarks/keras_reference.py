@@ -5,11 +5,15 @@ throwaway venv with `pip install tensorflow-cpu numpy`). It builds the seed pape
 as `poster_cnn.model.PosterCNN` does (same layers, widths, BatchNorm settings and dropout),
 NHWC, with Adam (Keras' defaults) and binary cross-entropy on random uint8 batches scaled
 to [0, 1] inside the step, and times `train_on_batch` with XLA off (`jit_compile=False`,
-TensorFlow's oneDNN kernels) or on. Prints lines in the format of
+TensorFlow's oneDNN kernels) or on, and the eval-mode forward (`predict_on_batch`).
+TensorFlow's thread pools are set before it starts: --intra_op threads per op (default 2,
+this machine's cores) and --inter_op ops at once (default 1): the best measured on the
+2-core VM (docs/BENCHMARKS.md). Prints lines in the format of
 benchmarks/train_throughput.py:
 
-  train framework=keras-3.15.1-tf-2.21.0 device=cpu jit_compile=0 batch=32 image=224
-        step_ms=... img_per_s=...
+  train framework=keras-3.15.1-tf-2.21.0 device=cpu jit_compile=0 intra_op=2 inter_op=1
+        batch=32 image=224 step_ms=... img_per_s=...
+  eval framework=... batch=32 image=224 step_ms=... img_per_s=...
 
 Compare with the JAX step in the same run (docs/BENCHMARKS.md has the interleaved command).
 """
@@ -24,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from timing import median_step_seconds  # noqa: E402
+from timing import median_step_seconds, median_step_times  # noqa: E402
 
 
 def paper_cnn(num_classes: int, image: int) -> keras.Model:
@@ -52,7 +56,13 @@ def main():
   parser.add_argument("--steps", type=int, default=5, help="Steps per timed window.")
   parser.add_argument("--repeats", type=int, default=3, help="Timed windows; median printed.")
   parser.add_argument("--jit_compile", type=int, default=0, help="1 = XLA on.")
+  parser.add_argument("--intra_op", type=int, default=2, help="Threads per op; 0 = TF's default.")
+  parser.add_argument("--inter_op", type=int, default=1, help="Ops at once; 0 = TF's default.")
+  parser.add_argument("--eval", type=int, default=1, help="1 = also time the eval forward.")
   args = parser.parse_args()
+  # Only takes effect before TensorFlow creates its thread pools (the first op).
+  tf.config.threading.set_intra_op_parallelism_threads(args.intra_op)
+  tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
   keras.utils.set_random_seed(0)
   version = f"keras-{keras.__version__}-tf-{tf.__version__}"
   for batch_size in map(int, args.batch_sizes.split(",")):
@@ -70,9 +80,20 @@ def main():
         model.train_on_batch(images, labels)  # returns the loss: a host sync
 
     run_steps(1)
-    ms = median_step_seconds(run_steps, args.repeats, args.steps) * 1e3
-    print(f"train framework={version} device=cpu jit_compile={args.jit_compile} "
-          f"batch={batch_size} image={args.image} step_ms={ms:.1f} "
+    ms, cpu_ms = (t * 1e3 for t in median_step_times(run_steps, args.repeats, args.steps))
+    setting = (f"framework={version} device=cpu jit_compile={args.jit_compile} "
+               f"intra_op={args.intra_op} inter_op={args.inter_op} batch={batch_size} "
+               f"image={args.image}")
+    print(f"train {setting} step_ms={ms:.1f} cpu_ms={cpu_ms:.1f} "
+          f"img_per_s={batch_size / ms * 1e3:.1f}", flush=True)
+    if args.eval:
+      def run_eval(n):
+        for _ in range(n):
+          np.asarray(model.predict_on_batch(images))  # eval mode: running BatchNorm statistics
+
+      run_eval(1)
+      ms, cpu_ms = (t * 1e3 for t in median_step_times(run_eval, args.repeats, args.steps))
+      print(f"eval {setting} step_ms={ms:.1f} cpu_ms={cpu_ms:.1f} "
           f"img_per_s={batch_size / ms * 1e3:.1f}", flush=True)
 
 

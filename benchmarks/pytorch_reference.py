@@ -3,13 +3,18 @@
 Not a dependency of poster_cnn: run it with a Python that has torch (for example a
 throwaway venv with `pip install torch numpy`). It builds the same network as
 `poster_cnn.model.PosterCNN` (same layers, widths, BatchNorm momentum/epsilon and
-dropout), channels-last, eager mode (the fastest PyTorch setting measured on a
-2-core CPU), with Adam (Keras' defaults) and binary cross-entropy on random uint8
+dropout), channels-last (faster than contiguous NCHW on a 2-core CPU), eager or
+`torch.compile`d (--compile=1, inductor), with Adam (Keras' defaults) and binary
+cross-entropy on random uint8
 batches scaled to [0, 1] inside the step, as the JAX step does. Prints lines in
 the format of benchmarks/train_throughput.py:
 
-  train framework=pytorch-2.13.0 device=cpu threads=2 channels_last=1 batch=32 image=224
-        step_ms=711.4 img_per_s=45.0
+  train framework=pytorch-2.13.0 device=cpu threads=2 channels_last=1 compile=0 batch=32
+        image=224 step_ms=711.4 img_per_s=45.0
+  eval framework=... batch=32 image=224 step_ms=... img_per_s=...
+
+The eval line times the forward in eval mode (running BatchNorm statistics, no dropout)
+under `torch.inference_mode()`.
 
 Compare with the JAX step in the same run (the machine is shared; see
 docs/BENCHMARKS.md for the interleaved command).
@@ -28,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from timing import median_step_seconds  # benchmarks/timing.py
+from timing import median_step_seconds, median_step_times  # benchmarks/timing.py
 
 
 def paper_cnn(num_classes: int, image: int) -> nn.Module:
@@ -85,6 +90,8 @@ def main():
   parser.add_argument("--steps", type=int, default=5, help="Steps per timed window.")
   parser.add_argument("--repeats", type=int, default=3, help="Timed windows; median printed.")
   parser.add_argument("--channels_last", type=int, default=1)
+  parser.add_argument("--compile", type=int, default=0, help="1 = torch.compile the model.")
+  parser.add_argument("--eval", type=int, default=1, help="1 = also time the eval forward.")
   parser.add_argument("--layers", action="store_true",
                       help="Time each conv layer's forward, input and kernel gradients instead.")
   args = parser.parse_args()
@@ -96,8 +103,9 @@ def main():
   torch.manual_seed(0)
   memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
   for batch_size in map(int, args.batch_sizes.split(",")):
-    model = paper_cnn(args.num_classes, args.image).to(memory_format=memory_format).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-7)
+    module = paper_cnn(args.num_classes, args.image).to(memory_format=memory_format).train()
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-7)
+    model = torch.compile(module) if args.compile else module
     loss_fn = nn.BCEWithLogitsLoss()
     rng = np.random.default_rng(0)
     images = torch.from_numpy(
@@ -114,10 +122,23 @@ def main():
         loss.item()  # a host sync, as the JAX benchmark's block_until_ready
 
     run_steps(1)
-    ms = median_step_seconds(run_steps, args.repeats, args.steps) * 1e3
-    print(f"train framework=pytorch-{torch.__version__.split('+')[0]} device=cpu "
-          f"threads={torch.get_num_threads()} channels_last={args.channels_last} "
-          f"batch={batch_size} image={args.image} step_ms={ms:.1f} "
+    ms, cpu_ms = (t * 1e3 for t in median_step_times(run_steps, args.repeats, args.steps))
+    setting = (f"framework=pytorch-{torch.__version__.split('+')[0]} device=cpu "
+               f"threads={torch.get_num_threads()} channels_last={args.channels_last} "
+               f"compile={args.compile} batch={batch_size} image={args.image}")
+    print(f"train {setting} step_ms={ms:.1f} cpu_ms={cpu_ms:.1f} "
+          f"img_per_s={batch_size / ms * 1e3:.1f}", flush=True)
+    if args.eval:
+      module.eval()
+
+      def run_eval(n):
+        with torch.inference_mode():
+          for _ in range(n):
+            model(images.float() / 255.0).numpy()
+
+      run_eval(1)  # compiles the eval graph when --compile
+      ms, cpu_ms = (t * 1e3 for t in median_step_times(run_eval, args.repeats, args.steps))
+      print(f"eval {setting} step_ms={ms:.1f} cpu_ms={cpu_ms:.1f} "
           f"img_per_s={batch_size / ms * 1e3:.1f}", flush=True)
 
 

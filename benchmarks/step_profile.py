@@ -15,6 +15,15 @@ their gradient), 'elementwise+reduce' (BatchNorm, ReLU, the optimizer update),
 'select' (pooling gradients, ReLU masks), 'copy' (layout changes). Op time is
 summed over threads, so it can exceed the wall time when ops overlap.
 
+It also sums them by the part of the model each op computes, from the op's JAX name
+stack in the compiled HLO's metadata (the Flax module, jax.nn.relu, or the named scope
+of the max pooling), forward and backward together:
+
+  op part=convolutions ms_per_step=... share=...
+  op part=batchnorm ...  (also: pooling, relu, conv_bias, dropout, dense, loss, optimizer)
+
+A fusion is named for its root op, so work fused across parts counts for the root's.
+
     python benchmarks/step_profile.py --config=configs/paper.py --batch=32 --top=15
 """
 
@@ -57,6 +66,17 @@ _KINDS = [  # (kind, pattern on the op name); first match wins
                            r"bitcast|exponential|log|sqrt|rsqrt|and|or|convert|negate|"
                            r"compare|fusion|loop|input|wrapped)"),
 ]
+_PARTS = [  # (part, pattern on the op's name stack); first match wins
+    ("pooling", r"max_pool"),
+    ("convolutions", r"ffi_call|conv_general_dilated"),  # with bias and ReLU when fused
+    ("relu", r"relu"),
+    ("conv_bias", r"Conv_\d+/"),
+    ("batchnorm", r"BatchNorm"),
+    ("dropout", r"Dropout"),
+    ("dense", r"Dense"),
+    ("loss", r"log_sigmoid|softplus|PosterCNN"),  # what is left inside the model's jvp
+    ("optimizer", r"."),  # Adam and the parameter update: outside the model's name stack
+]
 _NOT_OPS = ("$", "Thunk", "PjRt", "Execute", "Pjit", "SlinkyThreadPool", "CommonPjRt", "end:")
 
 
@@ -85,6 +105,15 @@ def op_times(trace_dir: str) -> dict[str, float]:
   return totals
 
 
+def op_parts(hlo_text: str) -> dict[str, str]:
+  """Instruction name -> part of the model (`_PARTS`) from the compiled HLO's metadata."""
+  parts = {}
+  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"",
+                       hlo_text, re.MULTILINE):
+    parts[m[1]] = next(part for part, pattern in _PARTS if re.search(pattern, m[2]))
+  return parts
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -99,6 +128,7 @@ def main(argv):
       "image": rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8),
       "labels": (rng.random((b, _NUM_CLASSES.value)) < 0.2).astype(np.uint8),
       "mask": np.ones((b,), bool)}, mesh)
+  parts = op_parts(train_fn.lower(state, batch).compile().as_text())
   for _ in range(2):  # compile and warm up outside the trace
     state, m = train_fn(state, batch)
   jax.block_until_ready(m)
@@ -118,8 +148,13 @@ def main(argv):
     kinds[op_kind(re.sub(r"\.\d+$", "", n))] += ms
   for kind, ms in kinds.most_common():
     print(f"op kind={kind} ms_per_step={ms:.1f} share={ms / total:.3f}")
+  by_part = collections.Counter()
+  for n, ms in per_step.items():
+    by_part[parts.get(n, "other")] += ms
+  for part, ms in by_part.most_common():
+    print(f"op part={part} ms_per_step={ms:.1f} share={ms / total:.3f}")
   for n, ms in sorted(per_step.items(), key=lambda kv: -kv[1])[:_TOP.value]:
-    print(f"top op={n} kind={op_kind(n)} ms_per_step={ms:.1f}")
+    print(f"top op={n} kind={op_kind(n)} part={parts.get(n, 'other')} ms_per_step={ms:.1f}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from poster_cnn import train  # noqa: E402
-from timing import median_step_seconds  # noqa: E402
+from timing import median_step_seconds, median_step_times  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/paper.py", "Model config.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["32"], "Global batch sizes.")
@@ -114,11 +114,12 @@ def main(argv):
       state[0] = s
 
     run_train(1)
-    step = median_step_seconds(run_train, _REPEATS.value, _STEPS.value)
+    step, cpu = median_step_times(run_train, _REPEATS.value, _STEPS.value)
     rate = batch_size / step
     mfu = rate * flops_per_img / (peak * 1e9)
     print(f"train config={name} {device} batch={batch_size} image={h} compile_s={compile_s:.2f} "
-          f"step_ms={step * 1e3:.1f} img_per_s={rate:.1f} gflop_per_img={flops_per_img / 1e9:.3f} "
+          f"step_ms={step * 1e3:.1f} cpu_ms={cpu * 1e3:.1f} img_per_s={rate:.1f} "
+          f"gflop_per_img={flops_per_img / 1e9:.3f} "
           f"mfu={mfu:.3f} {_memory()}", flush=True)
 
     if _EVAL.value:
@@ -130,9 +131,10 @@ def main(argv):
           out = eval_fn(st, batch)
         out.block_until_ready()
 
-      step = median_step_seconds(run_eval, _REPEATS.value, _STEPS.value)
+      step, cpu = median_step_times(run_eval, _REPEATS.value, _STEPS.value)
       print(f"eval config={name} {device} batch={batch_size} image={h} "
-            f"step_ms={step * 1e3:.1f} img_per_s={batch_size / step:.1f}", flush=True)
+            f"step_ms={step * 1e3:.1f} cpu_ms={cpu * 1e3:.1f} img_per_s={batch_size / step:.1f}",
+            flush=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import poster_cnn.configs as shipped_configs
-from poster_cnn import distributed
+from poster_cnn import distributed, hugepages
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config: a shipped one by name (" + ", ".join(
@@ -210,6 +210,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run():
+  hugepages.reexec_with_huge_pages()  # first: it restarts the process (hugepages.py says why)
   # `--help` describes the main module's flags, which absl takes to be sys.argv[0]'s
   # (the console script); make this module's flags that script's.
   for flag in flags.FLAGS.get_key_flags_for_module(__name__):

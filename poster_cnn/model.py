@@ -146,8 +146,9 @@ def _quadrants(x):
 @jax.custom_vjp
 def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   """nn.max_pool(x, (2, 2), strides=(2, 2)): (B, H, W, C) -> (B, H//2, W//2, C), any float dtype."""
-  a, b, c, d = _quadrants(x)
-  return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+  with jax.named_scope("max_pool_2x2"):  # names its ops in profiles (benchmarks/step_profile.py)
+    a, b, c, d = _quadrants(x)
+    return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
 
 
 def _max_pool_fwd(x):
@@ -156,7 +157,11 @@ def _max_pool_fwd(x):
 
 
 def _max_pool_bwd(res, g):
-  x, y = res
+  with jax.named_scope("max_pool_2x2"):
+    return _max_pool_grad(*res, g)
+
+
+def _max_pool_grad(x, y, g):
   a, b, c, d = _quadrants(x)
   first = a == y
   second = (b == y) & ~first
@@ -178,16 +183,20 @@ max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class Conv3x3(nn.Module):
-  """nn.Conv(features, (3, 3), padding='SAME') with a choice of formulation.
+  """nn.Conv(features, (3, 3), padding='SAME') with a choice of formulation, and ReLU after
+  the bias with `relu`.
 
   Same parameters ('kernel' (3, 3, Cin, Cout) lecun-normal, 'bias' zeros, float32),
-  so checkpoints and initial values are interchangeable with nn.Conv's.
+  so checkpoints and initial values are interchangeable with nn.Conv's. With `relu` and
+  impl 'onednn', bias and ReLU run inside oneDNN's convolution (one pass fewer over the
+  output, and the bias gradient reduced in the kernel gradient's pass).
   """
 
   features: int
   impl: str = "xla"
   dtype: Dtype = jnp.float32
   use_bias: bool = True
+  relu: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -198,17 +207,30 @@ class Conv3x3(nn.Module):
     bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
             if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)  # None stays
+    if self.relu and bias is not None and self.impl == "onednn":
+      return onednn_conv.conv3x3_bias_relu(x, kernel, bias)
     y = CONV_IMPLS[self.impl](x, kernel)
-    return y if bias is None else y + bias
+    y = y if bias is None else y + bias
+    return nn.relu(y) if self.relu else y
 
 
 def conv3x3(features: int, impl: str, dtype: Dtype, use_bias: bool = True,
-            name: str | None = None) -> nn.Module:
-  """A 3x3 'SAME' convolution: nn.Conv itself for impl 'xla', else `Conv3x3` with the same
-  parameters. Give it a name so checkpoints do not depend on the impl."""
-  if impl == "xla":
+            name: str | None = None, relu: bool = False) -> nn.Module:
+  """A 3x3 'SAME' convolution, then ReLU with `relu`: nn.Conv itself for impl 'xla' without
+  ReLU, else `Conv3x3` with the same parameters. Give it a name so checkpoints do not depend
+  on the impl."""
+  if impl == "xla" and not relu:
     return nn.Conv(features, (3, 3), padding="SAME", use_bias=use_bias, dtype=dtype, name=name)
-  return Conv3x3(features, impl, dtype, use_bias, name=name)
+  return Conv3x3(features, impl, dtype, use_bias, relu, name=name)
+
+
+def max_pool(impl: str):
+  """The 2x2 max pooling that goes with conv impl `impl`: oneDNN's with 'onednn' (the same
+  values and gradient from one pass each way, its backward keeping one byte per output
+  instead of the input and output), else `max_pool_2x2`."""
+  if impl == "onednn":
+    return onednn_conv.max_pool_2x2
+  return max_pool_2x2
 
 
 def batch_norm(train: bool, momentum: float, epsilon: float, dtype: Dtype):
@@ -237,11 +259,12 @@ class PosterCNN(nn.Module):
       raise ValueError("conv_dropout needs one rate per conv block")
     x = images.astype(self.dtype) / 255.0
     norm = batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype)
+    pool = max_pool(self.conv_impl)
     for i, (features, rate) in enumerate(zip(self.conv_features, self.conv_dropout)):
       # Conv_i: the names nn.Conv gets by default, as in checkpoints written before `impl`.
-      x = nn.relu(conv3x3(features, self.conv_impl, self.dtype, name=f"Conv_{i}")(x))
+      x = conv3x3(features, self.conv_impl, self.dtype, name=f"Conv_{i}", relu=True)(x)
       x = norm()(x)
-      x = max_pool_2x2(x)
+      x = pool(x)
       if rate:
         x = nn.Dropout(rate, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
@@ -301,8 +324,9 @@ class PosterResNet(nn.Module):
     x = images.astype(self.dtype) / 255.0
     x = conv3x3(self.stem_features, self.conv_impl, self.dtype, False, "stem")(x)
     x = nn.relu(norm()(x))
+    pool = max_pool(self.conv_impl)
     for features, blocks in zip(self.stage_features, self.blocks_per_stage):
-      x = max_pool_2x2(x)
+      x = pool(x)
       for _ in range(blocks):
         x = ResidualBlock(features, norm, self.conv_impl, self.dtype)(x)
     x = x.mean(axis=(1, 2))

@@ -15,6 +15,9 @@ import pytest
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The CLI's re-exec with huge pages (poster_cnn/hugepages.py) would import everything twice in
+# each of the tests' many CLI subprocesses; test_hugepages.py tests it on its own.
+os.environ.setdefault("POSTER_CNN_HUGE_PAGES", "0")
 if REPO not in sys.path:  # configs/ is importable from the repository root
   sys.path.insert(0, REPO)
 
