@@ -151,22 +151,38 @@ def _final_params(workdir, step):
   return jax.tree.leaves(restored["state"]["params"])
 
 
+@pytest.fixture
+def compilation_cache(tmp_path):
+  """A persistent XLA cache shared with the subprocesses: the three trainings compile once."""
+  import jax
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  saved = {n: getattr(jax.config, n) for n in names}
+  values = (str(tmp_path / "xla_cache"), 0, 0)
+  for n, v in zip(names, values):
+    jax.config.update(n, v)
+  yield {n.upper(): str(v) for n, v in zip(names, values)}
+  for n, v in saved.items():
+    jax.config.update(n, v)
+
+
 def test_gs_workdir_trains_survives_sigkill_resumes_exactly_evaluates_and_predicts(
-    emulators, tiny_dataset, tmp_path):
-  steps, every = 12, 4
+    emulators, tiny_dataset, tmp_path, compilation_cache):
+  steps, every = 8, 4
   args = (f"--config.num_train_steps={steps}", f"--config.checkpoint_every_steps={every}",
           f"--config.eval_every_steps={steps}", "--config.num_workers=0")
-  # Killed, then resumed, in subprocesses; its data on s3://, so both stores' reads count.
-  killed = f"gs://{BUCKET}/killed"
-  fs = storage.filesystem(killed)
-  proc = subprocess.Popen(_cli(killed, emulators["s3"], *args), env=emulators["env"],
-                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  # Meanwhile the uninterrupted run, here, on gs:// data.
+  env = {**emulators["env"], **compilation_cache}
+  # The uninterrupted run, here, on gs:// data.
   c = tiny.get_config()
   c.data_dir, c.num_train_steps, c.checkpoint_every_steps = emulators["gs"], steps, every
   c.eval_every_steps = steps
   straight = f"gs://{BUCKET}/straight"
   train.train_and_evaluate(c, straight)
+  # Killed, then resumed, in subprocesses; its data on s3://, so both stores' reads count.
+  killed = f"gs://{BUCKET}/killed"
+  fs = storage.filesystem(killed)
+  proc = subprocess.Popen(_cli(killed, emulators["s3"], *args), env=env,
+                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
   deadline = time.time() + 240
   while proc.poll() is None and time.time() < deadline:
@@ -178,7 +194,7 @@ def test_gs_workdir_trains_survives_sigkill_resumes_exactly_evaluates_and_predic
   assert proc.wait() == -signal.SIGKILL, "the run ended before it was killed"
   fs.invalidate_cache()
   assert not fs.exists(f"{killed}/checkpoints/{steps}")
-  done = subprocess.run(_cli(killed, emulators["s3"], *args), env=emulators["env"],
+  done = subprocess.run(_cli(killed, emulators["s3"], *args), env=env,
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "resumed from checkpoint at step" in done.stderr
