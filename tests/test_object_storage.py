@@ -135,6 +135,20 @@ def test_s3_holds_run_files_but_refuses_checkpoints_before_writing(emulators, ti
   assert not fs.exists(f"{BUCKET}/run") and not os.path.exists("s3:")
 
 
+def test_the_converter_publishes_to_gs_and_refuses_to_replace(emulators, tmp_path):
+  from poster_cnn.data import convert, csv_rows, records, synthetic
+  csv_path = synthetic.generate(tmp_path / "src", 40, width=32, num_workers=0)
+  out = f"gs://{BUCKET}/converted"
+  report = convert.convert(csv_path, out, vocabulary="min_count:1", num_workers=0,
+                           splits="train:0.6,validation:0.2,test:0.2")
+  assert report["output_dir"] == out
+  meta = records.read_metadata(out)
+  assert sum(s.num_examples for s in meta.splits.values()) == 40
+  assert storage.path(f"{out}.report.json").exists()
+  with pytest.raises(csv_rows.ConversionError, match="holds a dataset"):
+    convert.convert(csv_path, out, vocabulary="min_count:1", num_workers=0)
+
+
 def _cli(workdir, data_dir, *extra):
   return [sys.executable, "-m", "poster_cnn.main", f"--config={REPO}/configs/tiny.py",
           f"--config.data_dir={data_dir}", f"--workdir={workdir}", *extra]
@@ -219,3 +233,7 @@ def test_gs_workdir_trains_survives_sigkill_resumes_exactly_evaluates_and_predic
   assert json.loads(storage.path(out).read_text())[0]["path"] == str(poster)
   rows = logs.read_metrics(killed)
   assert rows[-1]["step"] == steps and rows[-1]["split"] == "validation"
+  from poster_cnn import report
+  out_dir = report.write_report(killed, step=steps, split="test")
+  assert out_dir.startswith(f"{killed}/reports/")
+  assert "<html" in (storage.path(out_dir) / "report.html").read_text()
