@@ -106,8 +106,19 @@ def test_a_missing_package_is_one_line_naming_the_extra(monkeypatch):
     storage.path("az://container/run")
 
 
-def test_s3_holds_run_files_but_refuses_checkpoints_before_writing(emulators, tiny_dataset):
+def test_s3_holds_run_files_but_refuses_checkpoints_before_writing(emulators, tiny_dataset,
+                                                                   monkeypatch):
   fs = storage.filesystem(emulators["s3"])
+  # Records: one ranged GET each, the same bytes as on local disk.
+  from poster_cnn.data import records, tfrecord
+  meta = records.read_metadata(emulators["s3"])
+  remote = tfrecord.TFRecordSource(records.split_files(emulators["s3"], meta, "train"))
+  local = tfrecord.TFRecordSource(records.split_files(tiny_dataset, meta, "train"))
+  calls, read_range = [], storage.read_range
+  monkeypatch.setattr(storage, "read_range",
+                      lambda p, a, b: calls.append((p, a, b)) or read_range(p, a, b))
+  assert [remote[i] for i in (0, 50, 95)] == [local[i] for i in (0, 50, 95)]
+  assert len(calls) == 3
   run = run_dir.RunDir(f"s3://{BUCKET}/files")
   # Whole-or-nothing writes, metrics (staged, uploaded at close), evaluations.
   run_dir.atomic_write_json(run.thresholds_file(3), {"drama": 0.5})
