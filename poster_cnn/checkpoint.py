@@ -9,6 +9,12 @@ Layout of `<workdir>/checkpoints/<step>/`:
 
 Saving both in one step directory is what makes a resumed run continue
 with exactly the batches an uninterrupted run would have seen.
+
+The workdir may be local or on gs:// (orbax writes arrays through tensorstore's
+gcs driver, metadata through etils.epath). Not on s3://: orbax 0.12 builds its
+tensorstore specs for the local file driver unless a path starts with gs://, and
+normalises 's3://b/x' to 's3:/b/x', so `checkpoint_dir` refuses s3:// before
+anything is written.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from poster_cnn import storage
 from poster_cnn.data import iterator_state
 
 BEST_METRIC = "macro_map"
@@ -43,7 +50,23 @@ def _best_fn(metrics: dict) -> float:
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
-  return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+  """WORKDIR/checkpoints as orbax wants it (absolute, or a gs:// URL).
+
+  Raises storage.StorageError for an s3:// workdir (see the module docstring) or a
+  remote one whose package is missing.
+  """
+  workdir = storage.path(workdir)
+  if storage.scheme(workdir) == "s3":
+    raise storage.StorageError(
+        f"{os.fspath(workdir)}: checkpoints cannot be written to s3:// (orbax 0.12 saves "
+        "arrays to local disks and gs:// only); use a gs:// or local --workdir")
+  return os.fspath(workdir / "checkpoints")
+
+
+def _is_dir(directory: str) -> bool:
+  """Whether `directory` exists. Object storage has no empty directories, so a remote
+  one (a key prefix) counts as present: nothing to recreate before a save."""
+  return storage.is_remote(directory) or os.path.isdir(directory)
 
 
 def create_manager(workdir: str | os.PathLike, *, keep: int = 3,
@@ -217,17 +240,17 @@ def finish(manager: ocp.CheckpointManager) -> None:
     manager.wait_until_finished()
   except Exception as e:
     cause = _lost_directory(e)
-    if cause is None and os.path.isdir(os.fspath(manager.directory)):
+    if cause is None and _is_dir(os.fspath(manager.directory)):
       raise
     logging.warning("%s was deleted while a checkpoint was written into it: that checkpoint "
                     "is lost (%s)", manager.directory, _first_line(cause or e))
-    if os.path.isdir(os.fspath(manager.directory)):
+    if _is_dir(os.fspath(manager.directory)):
       manager.reload()
 
 
 def _recreate_if_deleted(manager: ocp.CheckpointManager) -> None:
   directory = os.fspath(manager.directory)
-  if os.path.isdir(directory):
+  if _is_dir(directory):
     return
   # Deleted while training ran (rm -rf WORKDIR/checkpoints): the run goes on saving.
   finish(manager)
@@ -317,7 +340,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   if saved_by is not None and batch_size is None:
     raise TopologyChanged(f"the data iterator at step {step} in {manager.directory} was saved "
                           f"by {saved_by}, this run has {jax.process_count()}")
-  has_digest = os.path.isdir(os.path.join(step_dir, DIGEST_ITEM))
+  has_digest = epath.Path(step_dir, DIGEST_ITEM).exists()
   items = {"state": ocp.args.StandardRestore(abstract_state)}
   if has_digest:
     items[DIGEST_ITEM] = ocp.args.JsonRestore()
@@ -367,8 +390,7 @@ def _verify(step: int, step_dir: str, state: Any, digest: dict,
   path = _iterator_file(step_dir)
   expected = digest.get(DATA_ITER_ITEM, [])
   try:
-    with open(path, "rb") as f:
-      found = hashlib.sha256(f.read()).hexdigest()
+    found = hashlib.sha256(epath.Path(path).read_bytes()).hexdigest()
   except OSError as e:
     raise CorruptCheckpointError(f"checkpoint {step}: {path} cannot be read "
                                  f"({e.strerror or e})") from None
@@ -454,16 +476,16 @@ def last_verified(manager: ocp.CheckpointManager, abstract_state: Any) -> int | 
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
-  directory = os.fspath(manager.directory)
+  directory = epath.Path(manager.directory)
   if jax.process_index() == 0:
-    aside = os.path.join(os.path.dirname(directory), "checkpoints_broken")
-    os.makedirs(aside, exist_ok=True)
+    aside = directory.parent / "checkpoints_broken"
+    aside.mkdir(parents=True, exist_ok=True)
     for step in steps:
-      source = os.path.join(directory, str(step))
-      if not os.path.exists(source):  # deleted meanwhile: nothing to keep
+      source = directory / str(step)
+      if not source.exists():  # deleted meanwhile: nothing to keep
         continue
-      target = os.path.join(aside, f"{step}-{int(time.time())}")
-      os.replace(source, target)
+      target = aside / f"{step}-{int(time.time())}"
+      source.rename(target)
       logging.warning("moved broken checkpoint %d to %s", step, target)
   multihost_utils.sync_global_devices("poster_cnn_set_aside_broken_checkpoints")
   manager.reload()

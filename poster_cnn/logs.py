@@ -4,6 +4,10 @@ Only process 0 writes; on other processes the writer is a no-op, so the
 training loop can call it unconditionally. TensorBoard gets the scalars (train
 and validation loss side by side under `loss`), the run's hyperparameters, and
 a grid of validation posters captioned with their true and predicted genres.
+
+On object storage (gs://, s3://), which cannot append, both are written in a
+local staging folder and uploaded whole every 30 s and at close
+(`storage.Staging`); a resumed run's metrics.jsonl is fetched first and extended.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import os
 import time
 
 import numpy as np
+
+from poster_cnn import storage
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -29,10 +35,11 @@ class MetricWriter:
     self._tb = None
     self._jsonl = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
+      self._staging = storage.Staging(workdir, prime=(METRICS_FILE,))
       from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
-      self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
+      self._tb = SummaryWriter(os.path.join(self._staging.local, "tensorboard"),
+                               flush_secs=30)
+      self._jsonl = open(os.path.join(self._staging.local, METRICS_FILE), "a")
 
   def write(self, step: int, scalars: dict, *, split: str = "train") -> None:
     """Logs finite-or-not float scalars under `<split>/<name>`; non-scalars are skipped."""
@@ -49,6 +56,9 @@ class MetricWriter:
       self._tb.add_scalar(tag, value, int(step))
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
+    if self._staging.remote and self._staging.sync_due():
+      self._tb.flush()
+      self._staging.sync()
 
   def write_hparams(self, config, final: dict) -> None:
     """The config's scalar fields as TensorBoard hyperparameters, with the final metrics."""
@@ -73,14 +83,14 @@ class MetricWriter:
     if self.enabled:
       self._tb.close()
       self._jsonl.close()
+      self._staging.close()
       self.enabled = False
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
   """All rows of a run's metrics.jsonl (for plots and tests)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = (storage.path(workdir) / METRICS_FILE).read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def flatten_config(tree: dict, prefix: str = "") -> dict:

@@ -165,6 +165,10 @@ def format_predictions(predictions: list[dict], fmt: str) -> str:
 
 def check_output(path: str) -> None:
   """Fails before any work when `path` cannot be written (ValueError naming it)."""
+  from poster_cnn import storage
+  if storage.is_remote(path):  # gs://, s3://: only whether this install can reach it
+    storage.check(path)
+    return
   parent = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(path):
     raise ValueError(f"--output={path} is a folder, not a file")
@@ -178,6 +182,6 @@ def write_output(path: str, text: str) -> None:
   """Writes `text` through a temporary file and a rename; OSError -> ValueError naming it."""
   from poster_cnn import run_dir
   try:
-    run_dir.atomic_write_bytes(os.path.abspath(path), text.encode("utf-8"))
+    run_dir.atomic_write_bytes(path, text.encode("utf-8"))
   except OSError as e:
     raise ValueError(f"--output={path} could not be written: {e}") from None

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from poster_cnn import evaluate, logs, metrics, report_sections, run_dir
+from poster_cnn import evaluate, logs, metrics, report_sections, run_dir, storage
 from poster_cnn.plots import (MatplotlibMissing, plot_cooccurrence, plot_per_genre_ap,  # noqa: F401
                               plot_pr_curves, plot_training_curves, require_matplotlib)
 from poster_cnn.run_dir import RunDir
@@ -137,7 +137,7 @@ def render_markdown(summary: dict, workdir: str, figures: Sequence[tuple[str, st
 
   `tables`: further (title, header, rows) sections (`report_sections.run_tables`).
   """
-  parts = [f"# {_title(workdir)}", "", f"Workdir: `{os.path.abspath(workdir)}`", "",
+  parts = [f"# {_title(workdir)}", "", f"Workdir: `{os.fspath(storage.path(workdir))}`", "",
            evaluate.describe(summary) + ".", "", "## Headline metrics", "",
            _markdown_table(*evaluate.headline_table(summary), align="lrlr"), "",
            "## Per genre", "", _markdown_table(*evaluate.per_class_table(summary),
@@ -176,7 +176,7 @@ def render_html(summary: dict, workdir: str, figures: Sequence[tuple[str, str]],
   """
   title = html.escape(_title(workdir))
   body = [f"<h1>{title}</h1>",
-          f"<p>Workdir: <code>{html.escape(os.path.abspath(workdir))}</code></p>",
+          f"<p>Workdir: <code>{html.escape(os.fspath(storage.path(workdir)))}</code></p>",
           f"<p>{html.escape(evaluate.describe(summary))}.</p>",
           "<h2>Headline metrics</h2>",
           _html_table(*evaluate.headline_table(summary), align="lrlr"),
@@ -280,9 +280,9 @@ def write_report(workdir, *, step: str | int = "best", split: str | None = None,
     return None
   summary, preds = run_dir.read_evaluation(stem)
   rows = logs.read_metrics(run.path) if run.metrics_file.exists() else []
-  out_dir = run.report(stem)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  out_dir = os.fspath(out_dir)
+  # Drawn in a local folder (matplotlib writes files), uploaded when the workdir is remote.
+  staging = storage.Staging(run.report(stem))
+  out_dir = staging.local
   figures = draw_figures(summary, preds, rows, eval_split=config.eval_split,
                          top_k=config.top_k, out_dir=out_dir)
   workdir = os.fspath(run.path)
@@ -293,4 +293,5 @@ def write_report(workdir, *, step: str | int = "best", split: str | None = None,
   run_dir.atomic_write_bytes(os.path.join(out_dir, "report.html"),
                              render_html(summary, workdir, figures, out_dir, tables,
                                          gallery).encode())
-  return out_dir
+  staging.close()
+  return os.fspath(staging.target)

@@ -14,9 +14,10 @@
 files, so scoring a checkpoint on another collection, or on a re-converted one
 under the same name, never replaces the files of another evaluation.
 
-Paths are `etils.epath` paths, so the workdir can live on gs:// as well as on a
-local disk. Every JSON and NPZ is written to a temporary file and renamed, so a
-killed process leaves either the old file or the new one, never half of one.
+Paths are `etils.epath` paths (poster_cnn/storage.py), so the workdir can live on
+gs:// or s3:// as well as on a local disk. Every JSON and NPZ is written whole or
+not at all (a temporary file and a rename locally, one upload on object storage),
+so a killed process leaves either the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ import json
 import os
 import re
 import time
-import uuid
 from typing import Any
 
 import ml_collections
 import numpy as np
 from etils import epath
+
+from poster_cnn import storage
 
 RUN_INFO_FILE = "run_info.json"
 # 1: {'config', 'vocabulary'}; 2 adds 'format_version', 'dataset', 'label_prior', 'history'.
@@ -42,12 +44,8 @@ _DATASET_FILES = ("dataset_info.json", "metadata.json", "features.json")
 
 
 def atomic_write_bytes(path: epath.PathLike, data: bytes) -> None:
-  """Writes `data` to `path` through a temporary file in the same folder and a rename."""
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.write_bytes(data)
-  tmp.replace(path)
+  """Writes `data` to `path` whole or not at all (`storage.atomic_write_bytes`)."""
+  storage.atomic_write_bytes(path, data)
 
 
 def atomic_write_json(path: epath.PathLike, obj: Any) -> None:
@@ -90,9 +88,8 @@ class RunDir:
   """One training run's directory. Cheap to create; reads nothing until asked."""
 
   def __init__(self, path: epath.PathLike):
-    path = epath.Path(path)
-    # Local paths are made absolute (orbax needs that); gs:// and the like already are.
-    self.path = path if "://" in os.fspath(path) else epath.Path(os.path.abspath(path))
+    # Local paths are made absolute (orbax needs that); a URL's package is checked.
+    self.path = storage.path(path)
 
   def __repr__(self) -> str:
     return f"RunDir({os.fspath(self.path)!r})"

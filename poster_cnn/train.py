@@ -286,6 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               "poster-cnn-convert")
   run = RunDir(workdir)
   workdir = os.fspath(run.path)
+  checkpoint.checkpoint_dir(workdir)  # a workdir orbax cannot save to fails before any write
   is_chief = jax.process_index() == 0
   meta = records.read_metadata(config.data_dir)
   options.validate(config, meta, jax.device_count())

@@ -47,9 +47,10 @@ import re
 import secrets
 import shutil
 import signal
+import tempfile
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -412,6 +413,28 @@ def _check_converted(summary: dict, max_skipped_fraction: float, report_path: Pa
         "then fix the input or raise --max_skipped_fraction")
 
 
+def _convert_and_upload(remote: str, convert_to: Callable[[str], dict]) -> dict:
+  """Object storage has no rename to publish with: the dataset is converted in a local
+  temporary folder, then uploaded, shards first and the metadata files last, so a
+  reader finds no dataset (read_metadata fails, naming the file) until it is whole.
+  The report goes to `<remote>.report.json` as well."""
+  from poster_cnn import storage
+  storage.check(remote)
+  target = storage.path(remote)
+  if (target / records.INFO_FILE).exists() or (target / records.METADATA_FILE).exists():
+    raise ConversionError(f"--output_dir={remote} holds a dataset; remove it first (object "
+                          "storage cannot replace a folder in one step)")
+  with tempfile.TemporaryDirectory(prefix="poster_cnn-convert-") as tmp:
+    local = os.path.join(tmp, target.name or "dataset")
+    result = convert_to(local)
+    last = (records.INFO_FILE, records.METADATA_FILE)
+    fs = storage.filesystem(remote)
+    for name in sorted(os.listdir(local), key=lambda n: n in last):
+      fs.put_file(os.path.join(local, name), os.fspath(target / name))
+    fs.put_file(f"{local}.report.json", f"{remote}.report.json")
+  return {**result, "output_dir": remote, "report_path": f"{remote}.report.json"}
+
+
 def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
             image_dir: str | os.PathLike | None = None, layout: str = "auto",
             id_column: str | None = None, image_column: str | None = None,
@@ -440,6 +463,10 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
       is published; `.report` holds the report when the CSV was read (also written to
       `<output_dir>.report.json`).
   """
+  if "://" in os.fspath(output_dir):  # gs://, s3://: converted here, then uploaded
+    params = dict(locals())
+    remote = os.fspath(params.pop("output_dir"))
+    return _convert_and_upload(remote, lambda local: convert(output_dir=local, **params))
   arguments = _jsonable(locals())
   layout_flags = dict(layout=layout, id_column=id_column, image_column=image_column,
                       title_column=title_column, genre_column=genre_column,

@@ -25,12 +25,14 @@ import dataclasses
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 from google.protobuf import json_format
 from tensorflow_datasets.core.proto import dataset_info_generated_pb2 as info_pb2
 from tensorflow_datasets.proto import tf_example_generated_pb2 as example_pb2
+
+from poster_cnn import storage
 
 DATASET_NAME = "movie_posters"
 VERSION = "1.0.0"
@@ -134,7 +136,7 @@ def _features_dict(vocabulary: Sequence[str], image_size: tuple[int, int] | None
 def write_metadata(directory: str | os.PathLike, meta: DatasetMetadata,
                    description: str = "") -> None:
   """Writes dataset_info.json, features.json and metadata.json into `directory`."""
-  directory = Path(directory)
+  directory = storage.path(directory)
   features = _features_dict(meta.vocabulary, meta.image_size)
   info = info_pb2.DatasetInfo(
       name=DATASET_NAME, version=VERSION, file_format=FILE_FORMAT,
@@ -162,8 +164,11 @@ def write_metadata(directory: str | os.PathLike, meta: DatasetMetadata,
 
 
 def read_metadata(directory: str | os.PathLike) -> DatasetMetadata:
-  """Reads a converted dataset's metadata, with errors that name the file."""
-  directory = Path(directory)
+  """Reads a converted dataset's metadata, with errors that name the file.
+
+  `directory` may be local, gs:// or s3:// (poster_cnn/storage.py).
+  """
+  directory = storage.path(directory)
   info_path, meta_path = directory / INFO_FILE, directory / METADATA_FILE
   for path in (info_path, meta_path):
     if not path.exists():
@@ -196,8 +201,8 @@ def split_files(directory: str | os.PathLike, meta: DatasetMetadata,
   if split not in meta.splits:
     raise ValueError(f"{directory} has no split {split!r}; it has "
                      f"{sorted(meta.splits)}")
-  paths = [os.path.join(directory, f) for f in meta.splits[split].filenames()]
-  missing = [p for p in paths if not os.path.exists(p)]
+  paths = [os.fspath(storage.path(directory) / f) for f in meta.splits[split].filenames()]
+  missing = [p for p in paths if not epath.Path(p).exists()]
   if missing:
     raise FileNotFoundError(f"missing shards of split {split!r}: {missing}")
   return paths

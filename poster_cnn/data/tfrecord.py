@@ -13,6 +13,10 @@ record directly. Random access is what lets grain shuffle a whole split
 globally and checkpoint its position as a single integer; the index costs
 8 bytes per record (330 KB for the 41K Kaggle posters), computed by skipping
 from header to header without reading the payloads.
+
+Files may be on gs:// or s3:// (poster_cnn/storage.py): indexing then reads each
+file in order in 16 MB requests, and each record is one ranged GET of exactly its
+framed bytes, so grain's reader threads keep that many requests in flight.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from collections.abc import Iterator, Sequence
 
 import google_crc32c
 import numpy as np
+
+from poster_cnn import storage
 
 _HEADER = struct.Struct("<QI")  # length, masked crc of length
 _FOOTER = struct.Struct("<I")  # masked crc of data
@@ -85,10 +91,15 @@ def index_records(path: str | os.PathLike) -> np.ndarray:
   Returns:
     int64 array (num_records,) of offsets.
   """
+  return _index(path)[0]
+
+
+def _index(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+  """(offsets, file size) of `index_records`."""
   path = os.fspath(path)
-  size = os.path.getsize(path)
+  size = storage.size(path)
   offsets = []
-  with open(path, "rb") as f:
+  with storage.open_read(path) as f:
     pos = 0
     while pos < size:
       header = f.read(_HEADER.size)
@@ -105,7 +116,7 @@ def index_records(path: str | os.PathLike) -> np.ndarray:
       offsets.append(pos)
       pos = end
       f.seek(pos)
-  return np.asarray(offsets, dtype=np.int64)
+  return np.asarray(offsets, dtype=np.int64), size
 
 
 def read_record_at(fd: int, offset: int, *, path: str = "", verify: bool = True) -> bytes:
@@ -118,11 +129,20 @@ def read_record_at(fd: int, offset: int, *, path: str = "", verify: bool = True)
   if len(header) < _HEADER.size:
     raise CorruptRecordError(f"{path}: truncated header at byte {offset}")
   length, _ = _HEADER.unpack(header)
-  data = os.pread(fd, length + _FOOTER.size, offset + _HEADER.size)
-  if len(data) < length + _FOOTER.size:
+  return _payload(header + os.pread(fd, length + _FOOTER.size, offset + _HEADER.size),
+                  offset, path=path, verify=verify)
+
+
+def _payload(framed: bytes, offset: int, *, path: str, verify: bool) -> bytes:
+  """The record in `framed` (one record's bytes in TFRecord framing, read at `offset`)."""
+  if len(framed) < _HEADER.size:
+    raise CorruptRecordError(f"{path}: truncated header at byte {offset}")
+  length, _ = _HEADER.unpack_from(framed)
+  if len(framed) < _HEADER.size + length + _FOOTER.size:
     raise CorruptRecordError(f"{path}: record at byte {offset} is truncated")
-  record = data[:length]
-  if verify and masked_crc32c(record) != _FOOTER.unpack(data[length:])[0]:
+  record = framed[_HEADER.size:_HEADER.size + length]
+  footer = framed[_HEADER.size + length:_HEADER.size + length + _FOOTER.size]
+  if verify and masked_crc32c(record) != _FOOTER.unpack(footer)[0]:
     raise CorruptRecordError(f"{path}: bad data checksum in record at byte {offset}")
   return record
 
@@ -142,9 +162,10 @@ class TFRecordSource:
   """Random access over the records of several TFRecord files.
 
   Implements grain's RandomAccessDataSource protocol (`__len__`,
-  `__getitem__`). Record `i` counts through the files in the order given.
-  The source is pickled into grain's worker processes: file descriptors are
-  opened lazily per process and never pickled.
+  `__getitem__`). Record `i` counts through the files in the order given,
+  and is read with one positional read (local) or one ranged GET (gs://, s3://)
+  of its framed bytes. The source is pickled into grain's worker processes: file
+  descriptors (and fsspec's clients) are opened lazily per process, never pickled.
   """
 
   def __init__(self, paths: Sequence[str | os.PathLike], *, verify: bool = True):
@@ -152,10 +173,13 @@ class TFRecordSource:
     if not self.paths:
       raise ValueError("TFRecordSource needs at least one file")
     self.verify = verify
-    offsets = [index_records(p) for p in self.paths]
+    self._remote = [storage.is_remote(p) for p in self.paths]
+    indexes = [_index(p) for p in self.paths]
     self._file_index = np.concatenate(
-        [np.full(len(o), i, dtype=np.int32) for i, o in enumerate(offsets)])
-    self._offsets = np.concatenate(offsets)
+        [np.full(len(o), i, dtype=np.int32) for i, (o, _) in enumerate(indexes)])
+    self._offsets = np.concatenate([o for o, _ in indexes])
+    # Each record runs to the next one's header, the last to the end of its file.
+    self._sizes = np.concatenate([np.diff(o, append=size) for o, size in indexes])
     self._fds: dict[int, int] = {}
     self._lock = threading.Lock()
 
@@ -164,14 +188,18 @@ class TFRecordSource:
 
   def __getitem__(self, index: int) -> bytes:
     file_index = int(self._file_index[index])
+    offset, size = int(self._offsets[index]), int(self._sizes[index])
+    path = self.paths[file_index]
+    if self._remote[file_index]:
+      return _payload(storage.read_range(path, offset, offset + size), offset, path=path,
+                      verify=self.verify)
     fd = self._fds.get(file_index)
     if fd is None:
       with self._lock:  # grain reads from several threads
         fd = self._fds.get(file_index)
         if fd is None:
-          fd = self._fds[file_index] = os.open(self.paths[file_index], os.O_RDONLY)
-    return read_record_at(fd, int(self._offsets[index]),
-                          path=self.paths[file_index], verify=self.verify)
+          fd = self._fds[file_index] = os.open(path, os.O_RDONLY)
+    return _payload(os.pread(fd, size, offset), offset, path=path, verify=self.verify)
 
   def file_of(self, index: int) -> str:
     """The file that holds record `index` (for error messages and tests)."""
