@@ -23,8 +23,10 @@ from poster_cnn import checkpoint, evaluate, logs, predict, run_dir, storage, tr
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MISSING = [p for p in ("gcsfs", "s3fs", "moto", "gcp_storage_emulator")
             if importlib.util.find_spec(p) is None]
-pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f"needs {', '.join(_MISSING)} "
-                                "(pip install -e '.[test]')")
+# One worker runs this file (tests.sh: --dist=loadgroup), so the emulators start once.
+pytestmark = [pytest.mark.skipif(bool(_MISSING), reason=f"needs {', '.join(_MISSING)} "
+                                 "(pip install -e '.[test]')"),
+              pytest.mark.xdist_group("test_object_storage")]
 BUCKET = "poster-cnn-test"
 
 
