@@ -48,7 +48,7 @@ def load_for_inference(workdir: str, step: str | int = "best"):
   step = resolve_step(manager, step)
   state = checkpoint.restore(manager, step, abstract)
   manager.close()
-  _, eval_fn = train.jit_steps(state, mesh)
+  _, eval_fn = train.jit_steps(state, mesh, image=train.image_options(config))
   return config, vocabulary, state, eval_fn, mesh, step
 
 

@@ -31,6 +31,7 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 
 from poster_cnn import checkpoint, logs, losses, metrics, mixup, model as model_lib, optimizer
+from poster_cnn import preprocess
 from poster_cnn.data import pipeline, records
 
 RUN_INFO_FILE = checkpoint.RUN_INFO_FILE
@@ -136,14 +137,20 @@ def state_factory(config, num_classes: int, total_steps: int, mesh: jax.sharding
 
 def train_step(state: TrainState, batch: dict,
                loss_fn: losses.LossFn = losses.multilabel_loss,
-               mixup_alpha: float = 0.0) -> tuple[TrainState, dict]:
+               mixup_alpha: float = 0.0,
+               image: pipeline.ImageOptions | None = None) -> tuple[TrainState, dict]:
   """One optimizer step on a global batch; returns the new state and metrics.
 
   `loss_fn(logits, labels, mask)` -> scalar; the paper's binary cross-entropy by default.
   `mixup_alpha` > 0 blends the batch's examples first (poster_cnn/mixup.py).
+  `image`: resize and augment the pipeline's uint8 batch on the device first
+  (poster_cnn/preprocess.py); None: the batch is the model's input as it is.
   """
   dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images, labels, mask = batch["image"], batch["labels"], batch["mask"]
+  if image is not None:
+    # Its own stream of the step's key: dropout masks stay those of a run without it.
+    images = preprocess.prepare(images, image, jax.random.fold_in(dropout_rng, 2))
   if mixup_alpha:
     # Its own stream, so the dropout masks stay those of a run without mixup.
     images, labels, mask = mixup.mixup(jax.random.fold_in(dropout_rng, 1), images, labels,
@@ -164,15 +171,26 @@ def train_step(state: TrainState, batch: dict,
   return state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-def eval_step(state: TrainState, batch: dict) -> jax.Array:
-  """Sigmoid probabilities float32 (B, K) in inference mode (the weight average if kept)."""
-  logits = state.apply_fn(state.inference_variables(), batch["image"], train=False)
+def eval_step(state: TrainState, batch: dict,
+              image: pipeline.ImageOptions | None = None) -> jax.Array:
+  """Sigmoid probabilities float32 (B, K) in inference mode (the weight average if kept).
+
+  `image`: resize the pipeline's batch on the device as training does, without augmentation.
+  """
+  images = batch["image"] if image is None else preprocess.prepare(batch["image"], image)
+  logits = state.apply_fn(state.inference_variables(), images, train=False)
   return jax.nn.sigmoid(logits)
 
 
 def jit_steps(state: TrainState, mesh: jax.sharding.Mesh,
-              loss_fn: losses.LossFn = losses.multilabel_loss, mixup_alpha: float = 0.0):
-  """The jitted train and eval steps, with shardings fixed so they compile once."""
+              loss_fn: losses.LossFn = losses.multilabel_loss, mixup_alpha: float = 0.0,
+              image: pipeline.ImageOptions | None = None):
+  """The jitted train and eval steps, with shardings fixed so they compile once.
+
+  `image` (train.image_options(config)) makes both steps take the pipeline's batches as
+  they come (uint8 at the dataset's carrier size) and preprocess them on the device;
+  without it they take model-sized images.
+  """
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   data = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
   replicated = jax.NamedSharding(mesh, jax.P())
@@ -187,10 +205,11 @@ def jit_steps(state: TrainState, mesh: jax.sharding.Mesh,
     return wrapped
 
   train = jax.jit(traced_under_mesh(functools.partial(train_step, loss_fn=loss_fn,
-                                                      mixup_alpha=mixup_alpha)),
+                                                      mixup_alpha=mixup_alpha, image=image)),
                   in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
                   donate_argnums=0)
-  evaluate = jax.jit(traced_under_mesh(eval_step), in_shardings=(state_sharding, data),
+  evaluate = jax.jit(traced_under_mesh(functools.partial(eval_step, image=image)),
+                     in_shardings=(state_sharding, data),
                      out_shardings=data)
   return train, evaluate
 
@@ -337,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if is_chief:
     os.makedirs(workdir, exist_ok=True)
     write_run_info(workdir, config, meta)
-  train_fn, eval_fn = jit_steps(state, mesh, loss_fn, config.mixup_alpha)
+  train_fn, eval_fn = jit_steps(state, mesh, loss_fn, config.mixup_alpha, image_options(config))
 
   train_ds = pipeline.train_dataset(
       config.data_dir, config.train_split, global_batch_size=config.batch_size,
