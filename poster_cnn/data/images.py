@@ -35,6 +35,7 @@ class JpegOptions:
   size: tuple[int, int] | None  # (height, width); None keeps each poster's size
   quality: int
   max_pixels: int
+  raw: bool = False  # uint8 pixels (height, width, 3) instead of JPEG; needs `size`
 
 
 @contextlib.contextmanager
@@ -87,6 +88,20 @@ def _to_jpeg(data: bytes, opts: JpegOptions) -> bytes:
   return out.getvalue()
 
 
+def _to_raw(data: bytes, opts: JpegOptions) -> bytes:
+  """uint8 RGB pixels (height, width, 3) in C order, resized as _to_jpeg resizes."""
+  with _pixel_limit(opts.max_pixels):
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG":
+      h, w = opts.size
+      img.draft(None, (2 * w, 2 * h))
+    img.load()
+  img = _to_rgb(img)
+  if img.size != opts.size[::-1]:
+    img = img.resize(opts.size[::-1], Image.BICUBIC)
+  return np.asarray(img, np.uint8).tobytes()
+
+
 def convert_image(candidates: Sequence[str], opts: JpegOptions) -> tuple[bytes | None, str, str]:
   """The first existing path of `candidates` -> (jpeg, '', '') or (None, reason, detail).
 
@@ -104,7 +119,7 @@ def convert_image(candidates: Sequence[str], opts: JpegOptions) -> tuple[bytes |
   if not data:
     return None, "empty_image", f"{path} is empty (0 bytes)"
   try:
-    return _to_jpeg(data, opts), "", ""
+    return (_to_raw if opts.raw else _to_jpeg)(data, opts), "", ""
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
     return None, "decompression_bomb", f"{path}: {e}"
   except UnidentifiedImageError:
