@@ -23,7 +23,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -123,7 +122,7 @@ def main(argv):
           f"mfu={mfu:.3f} {_memory()}", flush=True)
 
     if _EVAL.value:
-      st = run_train.__defaults__[0][0]
+      st = run_train.__defaults__[0][0].inference_variables()
       eval_fn(st, batch).block_until_ready()
 
       def run_eval(n):

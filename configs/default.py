@@ -21,8 +21,14 @@ def get_config() -> ml_collections.ConfigDict:
       random_crop=False, crop_min_area=0.6, horizontal_flip=False, color_jitter=0.0,
   ))
 
+  # A checkpoint to start from: poster-cnn-convert-weights' output (ImageNet weights) or a
+  # training checkpoint (WORKDIR/checkpoints/STEP). Variables are matched by name and shape;
+  # a classifier of another shape ('head') is re-initialised. '' = random init.
+  c.init_from = ""
+
   c.model = ml_collections.ConfigDict(dict(
-      name="paper_cnn",  # 'paper_cnn' or 'resnet'; each reads its own fields below
+      # 'paper_cnn', 'resnet' or 'efficientnet_lite0'; each reads its own fields below
+      name="paper_cnn",
       # paper_cnn:
       conv_features=(16, 32, 64, 128),
       conv_dropout=(0.1, 0.0, 0.2, 0.0),
@@ -32,8 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
       stem_features=16,
       stage_features=(32, 64, 128, 256),
       blocks_per_stage=(1, 1, 1, 1),
-      head_dropout=0.2,
-      # both:
+      head_dropout=0.2,  # also efficientnet_lite0's, before its classifier
+      # efficientnet_lite0 (ImageNet weights: poster-cnn-convert-weights, then init_from):
+      drop_connect_rate=0.2,  # stochastic depth of the last block; 0 = off
+      # Depthwise convolutions: 'auto' ('taps' on CPU, where XLA's are slow; else 'xla'),
+      # 'taps' or 'xla'; same parameters, same results (poster_cnn/efficientnet.py).
+      depthwise_impl="auto",
+      # all:
       bn_momentum=0.99,
       bn_epsilon=1e-3,
       # How the 3x3 convolutions are computed (same parameters, same results):
@@ -64,6 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
       warmup_steps=0,
       grad_clip_norm=0.0,  # 0 = off
       accumulate_steps=1,
+      # Models with a classifier named 'head' (efficientnet_lite0), for fine-tuning: the
+      # backbone's learning rate is this times the head's; freeze_backbone keeps it fixed.
+      backbone_lr_multiplier=1.0,
+      freeze_backbone=False,
   ))
   # > 0: keep an exponential moving average of the weights (and BatchNorm statistics)
   # and evaluate, select checkpoints and predict with it; 0 = off.

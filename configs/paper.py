@@ -8,7 +8,7 @@ The paper split 80/20 and watched the 20% during training, so convert with
     poster-cnn --config=configs/paper.py --config.data_dir=data/paper --workdir=runs/paper
 """
 
-from configs import default
+from poster_cnn.configs import default
 
 
 def get_config():

@@ -1,15 +1,16 @@
-"""The best configuration measured on the real-poster sample (docs/RESULTS.md): a small
-ResNet with global average pooling instead of the paper's CNN, horizontal flips and random
-crops, one warmup epoch then cosine decay, 20 epochs; at 96x96 like every run there.
+"""The best configuration measured on real posters without pretrained weights
+(docs/RESULTS.md): a small ResNet with global average pooling instead of the paper's CNN,
+horizontal flips and random crops, one warmup epoch then cosine decay, 20 epochs; at
+96x96 like configs/posters_sample.py.
 
-Convert the sample as in configs/posters_sample.py, then
+Convert ../shared/data/movie-posters as in configs/posters_sample.py, then
 
-    poster-cnn --config=configs/posters_best.py --config.data_dir=/tmp/posters_sample \
+    poster-cnn --config=configs/posters_best.py --config.data_dir=/tmp/movie_posters \
         --workdir=RUN --config.seed=0
     poster-cnn --mode=evaluate --workdir=RUN      # best (validation) checkpoint, test split
 """
 
-from configs import posters_sample
+from poster_cnn.configs import posters_sample
 
 
 def get_config():
@@ -21,6 +22,6 @@ def get_config():
   c.image.horizontal_flip = True
   c.image.random_crop = True
   c.optimizer.schedule = "cosine"
-  c.optimizer.warmup_steps = 97  # one epoch of the sample's 3,131 training posters
+  c.optimizer.warmup_steps = 272  # one epoch of the 8,719 training posters (13 genres)
   c.num_epochs = 20
   return c

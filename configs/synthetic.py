@@ -9,7 +9,7 @@
 (`bash launch/quickstart.sh` runs all of it, then evaluation and prediction.)
 """
 
-from configs import default
+from poster_cnn.configs import default
 
 
 def get_config():

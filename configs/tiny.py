@@ -3,7 +3,7 @@
     poster-cnn --config=configs/tiny.py --config.data_dir=DATA --workdir=RUN
 """
 
-from configs import default
+from poster_cnn.configs import default
 
 
 def get_config():

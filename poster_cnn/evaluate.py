@@ -1,95 +1,111 @@
 """Checkpoint-based evaluation, in a separate process from training.
 
-Everything comes from the workdir: the config and vocabulary training wrote
-to run_info.json, and the checkpoint. Per-genre thresholds are calibrated on
-the validation split (maximising each genre's F1) and stored beside the
-run, for `predict` to use.
+Everything comes from the workdir (`run_dir.RunDir`): the config, vocabulary and
+label prior training wrote to run_info.json, and the checkpoint. Any converted
+dataset can be scored, the training one or another collection:
+
+- Thresholds: by default those saved beside the checkpoint, calibrated on the
+  training run's own validation split (each genre's F1 maximised); computed
+  there once if missing. `calibrate=SPLIT` calibrates on a split of the scored
+  dataset instead, and makes it another evaluation with its own files.
+- Vocabularies are matched by name: a dataset with the genres in another order
+  is remapped; one with fewer or other genres is scored on the shared ones.
+- The label-prior baseline is the training dataset's genre frequencies.
+- Outputs go in WORKDIR/evaluations/<dataset name>-<fingerprint>/ (or an
+  `output` path), and name the dataset, its fingerprint and the checkpoint.
 """
 
 from __future__ import annotations
-
-import json
-import os
 
 import jax
 import numpy as np
 from absl import logging
 
-from poster_cnn import checkpoint, metrics, train
+from poster_cnn import inference, metrics, options, run_dir as run_dir_lib
 from poster_cnn.data import records
-
-THRESHOLDS_FILE = "thresholds_step_{step}.json"
-
-
-def resolve_step(manager, step: str | int) -> int:
-  """'best', 'latest' or a step number -> an existing step."""
-  steps = manager.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"no checkpoints in {manager.directory}")
-  if step == "best":
-    return manager.best_step()
-  if step == "latest":
-    return manager.latest_step()
-  if int(step) not in steps:
-    raise ValueError(f"no checkpoint at step {step} in {manager.directory}; "
-                     f"steps: {sorted(steps)}")
-  return int(step)
+from poster_cnn.run_dir import RunDir
 
 
-def load_for_inference(workdir: str, step: str | int = "best"):
-  """Restores a checkpoint for inference.
+def match_vocabularies(model: tuple[str, ...], data: tuple[str, ...], data_dir: str
+                       ) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """The genres both know, and where each sits in the model's and the dataset's columns.
 
-  Returns (config, vocabulary, state, eval_fn, mesh, step).
+  Returns:
+    (shared genres in model order, int (S,) model columns, int (S,) dataset columns).
+  Raises:
+    ValueError naming both vocabularies when no genre is shared.
   """
-  config, vocabulary = train.read_run_info(workdir)
-  mesh = train.create_mesh()
-  _, abstract, _ = train.state_factory(config, len(vocabulary), 1, mesh)
-  manager = checkpoint.create_manager(workdir, read_only=True)
-  step = resolve_step(manager, step)
-  state = checkpoint.restore(manager, step, abstract)
-  manager.close()
-  _, eval_fn = train.jit_steps(state, mesh, image=train.image_options(config))
-  return config, vocabulary, state, eval_fn, mesh, step
+  shared = [g for g in model if g in data]
+  if not shared:
+    raise ValueError(f"{data_dir} shares no genre with the model: its genres are "
+                     f"{list(data)}, the model predicts {list(model)}")
+  if list(data) != list(model):
+    if set(data) == set(model):
+      logging.info("%s lists the model's genres in another order: labels remapped by name",
+                   data_dir)
+    else:
+      logging.warning(
+          "%s: scoring the %d genres it shares with the model (%s); not in the dataset: %s; "
+          "not predicted by the model: %s", data_dir, len(shared), ", ".join(shared),
+          ", ".join(g for g in model if g not in data) or "-",
+          ", ".join(g for g in data if g not in model) or "-")
+  return (shared, np.asarray([model.index(g) for g in shared], np.int64),
+          np.asarray([data.index(g) for g in shared], np.int64))
 
 
-def label_prior(data_dir: str, train_split: str, n: int) -> np.ndarray:
-  """The baseline a model must beat: each genre's training frequency, float32 (n, K)."""
-  info = records.read_metadata(data_dir).splits[train_split]
-  rates = np.asarray(info.positives, np.float32) / max(info.num_examples, 1)
-  return np.broadcast_to(rates, (n, len(rates)))
+def label_prior(run: RunDir, config, vocabulary, n: int) -> np.ndarray:
+  """Each genre's training frequency (the baseline a model must beat), float32 (n, K).
+
+  From the run info; runs written before it kept one read the training dataset.
+  """
+  rates = run.read_info().get("label_prior")
+  if rates is None:
+    meta = records.read_metadata(config.data_dir)
+    train = meta.splits[config.train_split]
+    rates = {g: p / max(train.num_examples, 1) for g, p in zip(meta.vocabulary, train.positives)}
+  return np.broadcast_to(np.asarray([rates[g] for g in vocabulary], np.float32),
+                         (n, len(vocabulary)))
 
 
-def thresholds_path(workdir: str, step: int) -> str:
-  return os.path.join(workdir, THRESHOLDS_FILE.format(step=step))
-
-
-def read_thresholds(workdir: str, step: int, vocabulary) -> np.ndarray | None:
-  path = thresholds_path(workdir, step)
-  if not os.path.exists(path):
+def _own_thresholds(run: RunDir, predictor: inference.Predictor) -> np.ndarray | None:
+  """The checkpoint's thresholds on the run's validation split, calibrated once if missing."""
+  config, vocabulary, step = predictor.config, predictor.vocabulary, predictor.step
+  saved = run.read_thresholds(step, vocabulary)
+  if saved is not None or not config.eval_split:
+    return saved
+  try:
+    meta = records.read_metadata(config.data_dir)
+    options.validate(config, meta, mode="evaluate", splits=[config.eval_split])
+  except (OSError, ValueError) as e:
+    logging.warning("no thresholds for step %d and the training dataset cannot give them "
+                    "(%s): precision/recall/F1 at thresholds are left out", step, e)
     return None
-  with open(path) as f:
-    saved = json.load(f)
-  return np.asarray([saved[g] for g in vocabulary], dtype=np.float32)
+  preds = inference.predict_dataset(config, predictor.eval_fn, predictor.variables,
+                                    predictor.mesh, config.data_dir, config.eval_split)
+  thresholds = metrics.calibrate_thresholds(preds["scores"], preds["labels"])
+  if jax.process_index() == 0:
+    run.write_thresholds(run.thresholds_file(step), vocabulary, thresholds)
+  return thresholds
 
 
-def eval_paths(workdir: str, split: str, step: int) -> tuple[str, str]:
-  """The evaluation's files: (`eval_<split>_step<N>.json`, `eval_<split>_step<N>.npz`)."""
-  stem = os.path.join(workdir, f"eval_{split}_step{step}")
-  return stem + ".json", stem + ".npz"
+def output_stem(run: RunDir, config, *, step: int, split: str, data_dir: str,
+                calibrate: str | None = None, output: str | None = None):
+  """Where an evaluation's .json and .npz go (see `run_dir.RunDir.evaluation`)."""
+  if output:
+    return run_dir_lib.evaluation_stem(output)
+  return run.evaluation(data_dir or config.data_dir, split, step, calibration=calibrate)
 
 
-def read_eval(workdir: str, split: str, step: int) -> tuple[dict, dict[str, np.ndarray]]:
-  """What `evaluate_checkpoint` saved: (summary, predictions), no model needed.
+def read_eval(workdir, split: str, step: int, data_dir: str | None = None):
+  """A saved evaluation of the run's dataset (or `data_dir`): (summary, predictions).
 
   Predictions are {'scores': float32 (N, K), 'labels': uint8 (N, K),
-  'index': int64 (N,)}, rows ordered by record index.
+  'index': int64 (N,)}, rows ordered by record index, columns in the
+  summary's 'vocabulary' order.
   """
-  json_path, npz_path = eval_paths(workdir, split, step)
-  with open(json_path) as f:
-    summary = json.load(f)
-  with np.load(npz_path) as saved:
-    preds = {k: saved[k] for k in ("scores", "labels", "index")}
-  return summary, preds
+  run = RunDir(workdir)
+  stem = output_stem(run, run.config(), step=step, split=split, data_dir=data_dir)
+  return run_dir_lib.read_evaluation(stem)
 
 
 def _nones(values) -> list:
@@ -135,53 +151,77 @@ def per_class_details(preds: dict, thresholds: np.ndarray | None, prior: np.ndar
   return out
 
 
-def evaluate_checkpoint(workdir: str, *, step: str | int = "best", split: str | None = None,
-                        data_dir: str | None = None, calibrate: bool = True) -> dict:
-  """Scores a checkpoint on a split; writes `eval_<split>_step<N>.json` and `.npz`.
+def evaluate_checkpoint(workdir, *, step: str | int = "best", split: str | None = None,
+                        data_dir: str | None = None, calibrate: str | None = None,
+                        output: str | None = None) -> dict:
+  """Scores a checkpoint on a split; writes the summary (.json) and predictions (.npz).
 
-  The JSON holds the summary below; the NPZ the raw predictions
-  (scores float32 (N, K), labels uint8 (N, K), index int64 (N,)), so reports
-  can be redrawn without the model (`read_eval`).
+  The NPZ holds the raw predictions (scores float32 (N, K), labels uint8 (N, K),
+  index int64 (N,)), so reports can be redrawn without the model.
 
   Args:
-    workdir: a training workdir.
+    workdir: a training workdir (path or RunDir).
     step: 'best' (by validation macro mAP), 'latest', or a step number.
     split: defaults to the config's test split.
     data_dir: defaults to the dataset the run trained on.
-    calibrate: choose per-genre thresholds on the config's eval split first.
+    calibrate: a split of `data_dir` to calibrate thresholds on, instead of the
+      thresholds saved beside the checkpoint.
+    output: path of the summary JSON (the NPZ goes beside it), instead of
+      WORKDIR/evaluations/<dataset>/<split>_step<N>.json.
 
   Returns:
     The metrics summary (see `metrics.summarize`) plus 'step', 'split',
-    'vocabulary', 'calibration_split' (None if uncalibrated), the label-prior
-    baselines 'prior_macro_map' and 'prior_micro_map', and the
-    `per_class_details` lists.
+    'vocabulary' (the genres scored), 'checkpoint', 'dataset' {'path',
+    'fingerprint'}, 'calibration_split' and 'calibration_dataset' (None if
+    uncalibrated), the label-prior baselines 'prior_macro_map' and
+    'prior_micro_map', the `per_class_details` lists and 'output' (the stem of
+    the files written).
   """
-  config, vocabulary, state, eval_fn, mesh, step = load_for_inference(workdir, step)
+  run = workdir if isinstance(workdir, RunDir) else RunDir(workdir)
+  config = run.config()
+  step = run.resolve_step(step)
   data_dir = data_dir or config.data_dir
   split = split or config.test_split
-  thresholds = None
-  if calibrate and config.eval_split:
-    _, val = train.evaluate_split(config, state, eval_fn, mesh, data_dir, config.eval_split)
-    thresholds = metrics.calibrate_thresholds(val["scores"], val["labels"])
-    if jax.process_index() == 0:
-      with open(thresholds_path(workdir, step), "w") as f:
-        json.dump({g: float(t) for g, t in zip(vocabulary, thresholds)}, f, indent=2)
-  summary, preds = train.evaluate_split(config, state, eval_fn, mesh, data_dir, split,
-                                        thresholds=thresholds)
-  prior = label_prior(data_dir, config.train_split, len(preds["labels"]))
-  summary = {"step": step, "split": split, "vocabulary": list(vocabulary),
-             "calibration_split": config.eval_split if thresholds is not None else None,
-             **summary,
+  meta = records.read_metadata(data_dir)
+  options.validate(config, meta, mode="evaluate",
+                   splits=[split] + ([calibrate] if calibrate else []))
+  stem = output_stem(run, config, step=step, split=split, data_dir=data_dir,
+                     calibrate=calibrate, output=output)
+  predictor = inference.Predictor(run, step)
+  genres, model_cols, data_cols = match_vocabularies(predictor.vocabulary, meta.vocabulary,
+                                                     data_dir)
+
+  def predict(on_split):
+    preds = inference.predict_dataset(config, predictor.eval_fn, predictor.variables,
+                                      predictor.mesh, data_dir, on_split)
+    return {**preds, "scores": preds["scores"][:, model_cols],
+            "labels": preds["labels"][:, data_cols]}
+
+  if calibrate:
+    cal = predict(calibrate)
+    thresholds = metrics.calibrate_thresholds(cal["scores"], cal["labels"])
+    calibration = {"calibration_split": calibrate, "calibration_dataset": str(data_dir)}
+  else:
+    own = _own_thresholds(run, predictor)
+    thresholds = own[model_cols] if own is not None else None
+    calibration = {"calibration_split": config.eval_split if own is not None else None,
+                   "calibration_dataset": str(config.data_dir) if own is not None else None}
+  preds = predict(split)
+  summary = metrics.summarize(preds["scores"], preds["labels"], thresholds=thresholds)
+  prior = label_prior(run, config, genres, len(preds["labels"]))
+  summary = {"step": step, "split": split, "vocabulary": genres,
+             "checkpoint": predictor.checkpoint,
+             "dataset": {"path": str(data_dir),
+                         "fingerprint": run_dir_lib.dataset_fingerprint(data_dir),
+                         "vocabulary": list(meta.vocabulary)},
+             **calibration, **summary,
              "prior_macro_map": metrics.mean_average_precision(prior, preds["labels"]),
              "prior_micro_map": metrics.mean_average_precision(prior, preds["labels"],
                                                                average="micro"),
-             **per_class_details(preds, thresholds, prior)}
+             **per_class_details(preds, thresholds, prior), "output": str(stem)}
   if jax.process_index() == 0:
-    json_path, npz_path = eval_paths(workdir, split, step)
-    with open(json_path, "w") as f:
-      json.dump(summary, f, indent=2)
-    np.savez(npz_path, scores=preds["scores"], labels=preds["labels"], index=preds["index"])
-    logging.info("wrote %s and %s", json_path, npz_path)
+    run_dir_lib.write_evaluation(stem, summary, preds)
+    logging.info("wrote %s.json and %s.npz", stem, stem)
   return summary
 
 
@@ -230,6 +270,25 @@ def per_class_table(summary: dict) -> tuple[list[str], list[list[str]]]:
   return header, rows
 
 
+# Readable names of the summary's keys, as tables and reports show them.
+METRIC_NAMES = {
+    "macro_map": "macro mAP", "micro_map": "micro mAP", "weighted_map": "weighted mAP",
+    "macro_auc": "macro ROC-AUC",
+    **{f"f1_top{k}": f"F1, top {k}" for k in (1, 2, 3)},
+    **{f"precision_top{k}": f"precision, top {k}" for k in (1, 2, 3)},
+    "macro_f1_calibrated": "macro F1, per-genre thresholds",
+    "micro_f1_calibrated": "micro F1, per-genre thresholds",
+    "hamming_loss": "Hamming loss", "subset_accuracy": "exact-match accuracy",
+    "label_cardinality": "true genres per poster", "num_examples": "posters",
+    "prior_macro_map": "label prior macro mAP", "prior_micro_map": "label prior micro mAP",
+}
+
+
+def metric_name(key: str) -> str:
+  """A summary key's readable name (the key itself where none is known)."""
+  return METRIC_NAMES.get(key, key)
+
+
 def headline_table(summary: dict) -> tuple[list[str], list[list[str]]]:
   """(header, rows of strings): metric, value, label-prior baseline and its value.
 
@@ -240,7 +299,7 @@ def headline_table(summary: dict) -> tuple[list[str], list[list[str]]]:
   rows = []
   for key, prior in HEADLINE_METRICS:
     if key in summary:
-      rows.append([key, _cell(summary[key], 4), prior or "",
+      rows.append([metric_name(key), _cell(summary[key], 4), metric_name(prior) if prior else "",
                    _cell(summary.get(prior), 4) if prior else ""])
   return header, rows
 

@@ -23,6 +23,7 @@ collection and are only updated when `train=True`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from poster_cnn import onednn_conv
+from poster_cnn import efficientnet, onednn_conv
 
 Dtype = Any
 
@@ -309,6 +310,15 @@ class PosterResNet(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
+def from_config(cls: type[nn.Module], section, **fixed) -> nn.Module:
+  """`cls` built from the config section's fields of the same names (lists as tuples), the
+  module's defaults for fields the section lacks (configs of older runs), then `fixed`."""
+  names = {f.name for f in dataclasses.fields(cls)} - {"name", "parent"} - set(fixed)
+  values = {k: tuple(v) if isinstance(v, list | tuple) else v
+            for k, v in section.items() if k in names}
+  return cls(**values, **fixed)
+
+
 def create_model(config, num_classes: int, dtype: Dtype = jnp.float32) -> nn.Module:
   """The model a config's `model` section names."""
   m = config.model
@@ -326,14 +336,21 @@ def create_model(config, num_classes: int, dtype: Dtype = jnp.float32) -> nn.Mod
     if jnp.dtype(dtype) != jnp.float32:
       raise ValueError(f"--config.model.conv_impl=onednn computes in float32, not "
                        f"--config.dtype={jnp.dtype(dtype).name}; use 'auto' or 'im2col'")
-  common = dict(num_classes=num_classes, bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
-                dtype=dtype, conv_impl=conv_impl)
+  common = dict(num_classes=num_classes, dtype=dtype, conv_impl=conv_impl)
   if m.name == "paper_cnn":
-    return PosterCNN(conv_features=tuple(m.conv_features), conv_dropout=tuple(m.conv_dropout),
-                     dense_features=tuple(m.dense_features), dense_dropout=m.dense_dropout,
-                     **common)
+    return from_config(PosterCNN, m, **common)
   if m.name == "resnet":
-    return PosterResNet(stem_features=m.stem_features, stage_features=tuple(m.stage_features),
-                        blocks_per_stage=tuple(m.blocks_per_stage),
-                        head_dropout=m.head_dropout, **common)
-  raise ValueError(f"unknown --config.model.name={m.name!r}; known: 'paper_cnn', 'resnet'")
+    return from_config(PosterResNet, m, **common)
+  if m.name == "efficientnet_lite0":
+    # Built field by field: the section's stem_features etc. are the ResNet's, not its.
+    # Its convolutions are strided or depthwise: conv_impl does not apply.
+    return efficientnet.EfficientNetLite(
+        num_classes=num_classes, head_dropout=m.head_dropout,
+        drop_connect_rate=m.get("drop_connect_rate", 0.2), bn_momentum=m.bn_momentum,
+        bn_epsilon=m.bn_epsilon, dtype=dtype,
+        depthwise_impl=efficientnet.resolve_depthwise_impl(m.get("depthwise_impl", "auto")),
+        # A frozen backbone needs no gradient: skip its backward pass (optimizer.py zeroes
+        # its updates either way).
+        stop_backbone_gradient=bool(config.optimizer.get("freeze_backbone", False)))
+  raise ValueError(f"unknown --config.model.name={m.name!r}; known: 'paper_cnn', 'resnet', "
+                   "'efficientnet_lite0'")

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from poster_cnn import efficientnet
+
 
 def learning_rate_schedule(opt, total_steps: int) -> optax.Schedule:
   """`opt.schedule`: 'constant' or 'cosine' (linear warmup, then cosine to 0)."""
@@ -29,6 +31,20 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+HEAD = efficientnet.HEAD  # the top-level params of a model's classifier
+
+
+def head_labels(params) -> dict:
+  """'head' for the classifier's params, 'backbone' for every other, as optax.multi_transform
+  wants them; ValueError for a model without a classifier named HEAD."""
+  if HEAD not in params:
+    raise ValueError(f"--config.optimizer.backbone_lr_multiplier and freeze_backbone need a model "
+                     f"whose classifier is named {HEAD!r} (--config.model.name="
+                     f"efficientnet_lite0); this one has {sorted(params)}")
+  return {k: jax.tree.map(lambda _, k=k: "head" if k == HEAD else "backbone", v)
+          for k, v in params.items()}
+
+
 def create_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformation,
                                                      optax.Schedule]:
   """The optimizer and its schedule (the schedule is also logged).
@@ -36,7 +52,9 @@ def create_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformatio
   `opt.name`: 'adam' (the paper; Keras' epsilon 1e-7), 'adamw', or 'sgd'
   (with `opt.momentum`, Nesterov). `opt.grad_clip_norm` > 0 clips the global
   gradient norm first; `opt.accumulate_steps` > 1 averages gradients over that
-  many steps before each update.
+  many steps before each update. `opt.backbone_lr_multiplier` != 1 scales the updates
+  of every parameter outside the classifier (`head_labels`), `opt.freeze_backbone` zeroes
+  them (fine-tuning pretrained weights).
   """
   schedule = learning_rate_schedule(opt, total_steps)
   if opt.name == "adam":
@@ -51,6 +69,15 @@ def create_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformatio
   else:
     raise ValueError(f"unknown --config.optimizer.name={opt.name!r}; "
                      "use 'adam', 'adamw' or 'sgd'")
+  multiplier = float(opt.get("backbone_lr_multiplier", 1.0))  # absent from older runs' configs
+  freeze = bool(opt.get("freeze_backbone", False))
+  if not multiplier > 0:
+    raise ValueError(f"--config.optimizer.backbone_lr_multiplier={multiplier} must be > 0; "
+                     "to keep the backbone fixed set --config.optimizer.freeze_backbone=True")
+  if freeze or multiplier != 1.0:
+    # Scaling the update is scaling the learning rate (and adamw's decay with it).
+    backbone = optax.set_to_zero() if freeze else optax.chain(tx, optax.scale(multiplier))
+    tx = optax.multi_transform({"head": tx, "backbone": backbone}, head_labels)
   if opt.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
   if opt.accumulate_steps > 1:

@@ -1,25 +1,22 @@
-"""Training: sharded train/eval steps and `train_and_evaluate(config, workdir)`.
+"""Training: the train state, the sharded train step and `train_and_evaluate(config, workdir)`.
 
 Data parallel without pmap: one `jax.jit` step over a 1-D device mesh
-('data',) spanning every device of every host. Batches are sharded along
-'data'; the train state is replicated. Because linen BatchNorm computes its
-batch mean over the whole (global) array it is given, its statistics are
-those of the global batch, synchronised across devices by XLA, with no
-`axis_name` or `pmean`.
+('data',) spanning every device of every host (poster_cnn/inference.py, which
+evaluation and prediction share). Batches are sharded along 'data'; the train
+state is replicated. Because linen BatchNorm computes its batch mean over the
+whole (global) array it is given, its statistics are those of the global
+batch, synchronised across devices by XLA, with no `axis_name` or `pmean`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import signal
 import time
 from typing import Any
 
-import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -30,12 +27,14 @@ from flax import struct
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from poster_cnn import checkpoint, logs, losses, metrics, mixup, model as model_lib, optimizer
-from poster_cnn import preprocess
+from poster_cnn import checkpoint, inference, logs, losses, metrics, mixup, optimizer, options
+from poster_cnn import model as model_lib
+from poster_cnn import preprocess, pretrained
 from poster_cnn.data import pipeline, records
-
-RUN_INFO_FILE = checkpoint.RUN_INFO_FILE
-DATA_AXIS = "data"
+from poster_cnn.inference import (DATA_AXIS, compute_dtype, create_mesh, global_batch,
+                                  image_options)
+from poster_cnn import run_dir as run_dir_lib
+from poster_cnn.run_dir import RunDir
 
 
 class TrainState(train_state.TrainState):
@@ -73,32 +72,6 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
-# ---------------------------------------------------------------- mesh and batches
-
-
-def create_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh over all devices of all processes."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def global_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
-  """Host-local numpy batch -> global arrays sharded along 'data'."""
-  sharding = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
-
-
-def image_options(config) -> pipeline.ImageOptions:
-  return pipeline.ImageOptions(**config.image.to_dict())
-
-
-def compute_dtype(config):
-  if config.dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"--config.dtype must be 'float32' or 'bfloat16', not {config.dtype!r}")
-  return jnp.dtype(config.dtype)
-
-
 # ---------------------------------------------------------------- state
 
 
@@ -107,19 +80,23 @@ def state_factory(config, num_classes: int, total_steps: int, mesh: jax.sharding
 
   Returns (init, abstract, schedule): `init()` creates the replicated state
   directly with its sharding (no host copy); `abstract` is its shapes, dtypes
-  and shardings, the target for restoring a checkpoint.
+  and shardings, the target for restoring a checkpoint. With `config.init_from`
+  set, `init()` first loads the matching variables of that checkpoint
+  (poster_cnn/pretrained.py; ValueError naming every mismatch).
   """
-  model = model_lib.create_model(config, num_classes, compute_dtype(config))
+  model = inference.create_model(config, num_classes)
   tx, schedule = optimizer.create_optimizer(config.optimizer, total_steps)
   image_shape = (config.image.height, config.image.width, 3)
   ema_decay = float(config.get("ema_decay", 0.0))  # absent from configs of older runs
   if not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"--config.ema_decay={ema_decay} must be in [0, 1); 0 turns it off")
 
-  def init():
+  def init(loaded=None):
     init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
     variables = model.init({"params": init_rng}, jnp.zeros((1, *image_shape), jnp.uint8),
                            train=False)
+    if loaded:
+      variables = pretrained.overlay(variables, loaded)
     fields = dict(apply_fn=model.apply, params=variables["params"],
                   batch_stats=variables["batch_stats"], tx=tx,
                   rng=jax.random.key_data(state_rng))
@@ -132,7 +109,16 @@ def state_factory(config, num_classes: int, total_steps: int, mesh: jax.sharding
   shardings = jax.tree.map(lambda _: replicated, shapes)
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-  return jax.jit(init, out_shardings=shardings), abstract, schedule
+  jitted = jax.jit(init, out_shardings=shardings)
+  if not config.get("init_from"):
+    return jitted, abstract, schedule
+
+  def init_from():
+    # Read when the state is made, not here: evaluation builds `abstract` only.
+    fresh = {"params": shapes.params, "batch_stats": shapes.batch_stats}
+    return jitted(pretrained.init_from(config.init_from, fresh))
+
+  return init_from, abstract, schedule
 
 
 def train_step(state: TrainState, batch: dict,
@@ -171,130 +157,71 @@ def train_step(state: TrainState, batch: dict,
   return state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-def eval_step(state: TrainState, batch: dict,
-              image: pipeline.ImageOptions | None = None) -> jax.Array:
-  """Sigmoid probabilities float32 (B, K) in inference mode (the weight average if kept).
-
-  `image`: resize the pipeline's batch on the device as training does, without augmentation.
-  """
-  images = batch["image"] if image is None else preprocess.prepare(batch["image"], image)
-  logits = state.apply_fn(state.inference_variables(), images, train=False)
-  return jax.nn.sigmoid(logits)
-
-
 def jit_steps(state: TrainState, mesh: jax.sharding.Mesh,
               loss_fn: losses.LossFn = losses.multilabel_loss, mixup_alpha: float = 0.0,
               image: pipeline.ImageOptions | None = None):
-  """The jitted train and eval steps, with shardings fixed so they compile once.
+  """The jitted train step and eval step, with shardings fixed so they compile once.
 
-  `image` (train.image_options(config)) makes both steps take the pipeline's batches as
-  they come (uint8 at the dataset's carrier size) and preprocess them on the device;
-  without it they take model-sized images.
+  Returns (train, evaluate): `train(state, batch) -> (state, metrics)`;
+  `evaluate(variables, batch) -> probabilities` (`inference.jit_eval_step`), called
+  with `state.inference_variables()`. `image` (`image_options(config)`) makes both take
+  the pipeline's batches as they come (uint8 at the dataset's carrier size) and
+  preprocess them on the device; without it they take model-sized images.
   """
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   data = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
   replicated = jax.NamedSharding(mesh, jax.P())
-
-  def traced_under_mesh(fn):
-    # Layers that XLA cannot partition itself (the oneDNN convolutions) read the mesh
-    # while traced to split their work per device (onednn_conv.conv3x3).
-    @functools.wraps(fn)
-    def wrapped(*args):
-      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        return fn(*args)
-    return wrapped
-
-  train = jax.jit(traced_under_mesh(functools.partial(train_step, loss_fn=loss_fn,
-                                                      mixup_alpha=mixup_alpha, image=image)),
+  step = functools.partial(train_step, loss_fn=loss_fn, mixup_alpha=mixup_alpha, image=image)
+  train = jax.jit(inference.traced_under_mesh(step, mesh),
                   in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
                   donate_argnums=0)
-  evaluate = jax.jit(traced_under_mesh(functools.partial(eval_step, image=image)),
-                     in_shardings=(state_sharding, data),
-                     out_shardings=data)
-  return train, evaluate
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-def predict_split(eval_fn, state: TrainState, batches, mesh: jax.sharding.Mesh
-                  ) -> dict[str, np.ndarray]:
-  """Runs `eval_fn` over every batch; returns every process's results on every host.
-
-  Returns {'scores': float32 (N, K), 'labels': uint8 (N, K), 'index': int64 (N,)}
-  with padding removed and rows ordered by record index.
-  """
-  outputs = {"scores": [], "labels": [], "mask": [], "index": []}
-  for batch in batches:
-    probs = eval_fn(state, global_batch({"image": batch["image"]}, mesh))
-    host = {"labels": batch["labels"], "mask": batch["mask"], "index": batch["index"]}
-    gathered = multihost_utils.process_allgather(
-        {"scores": probs, **global_batch(host, mesh)}, tiled=True)
-    for k in outputs:
-      outputs[k].append(np.asarray(gathered[k]))
-  out = {k: np.concatenate(v) for k, v in outputs.items()}
-  keep = out.pop("mask").astype(bool)
-  out = {k: v[keep] for k, v in out.items()}
-  order = np.argsort(out["index"], kind="stable")
-  return {k: v[order] for k, v in out.items()}
+  return train, inference.jit_eval_step(state.apply_fn, mesh, image)
 
 
 def evaluate_split(config, state: TrainState, eval_fn, mesh, data_dir: str, split: str,
-                   thresholds: np.ndarray | None = None) -> tuple[dict, dict]:
-  """Metrics on a whole split. Returns (metrics summary, raw predictions)."""
-  ds = pipeline.eval_dataset(
-      data_dir, split, global_batch_size=config.eval_batch_size, image=image_options(config),
-      num_workers=config.num_workers, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  it = iter(ds)
-  try:
-    preds = predict_split(eval_fn, state, it, mesh)
-  finally:
-    _close(it)
-  summary = metrics.summarize(preds["scores"], preds["labels"], thresholds=thresholds)
+                   loss_fn: losses.LossFn | None = None) -> tuple[dict, dict]:
+  """Validation metrics of the state being trained: (metrics summary, raw predictions).
+
+  With `loss_fn` the summary also holds 'loss', the training loss on the split
+  (from the probabilities, clipped to float32's open unit interval).
+  """
+  preds = inference.predict_dataset(config, eval_fn, state.inference_variables(), mesh,
+                                    data_dir, split)
+  summary = metrics.summarize(preds["scores"], preds["labels"])
+  if loss_fn is not None and len(preds["labels"]):
+    p = np.clip(preds["scores"].astype(np.float64), 1e-7, 1 - 1e-7)
+    logits = jnp.asarray(np.log(p) - np.log1p(-p), jnp.float32)
+    summary["loss"] = float(loss_fn(logits, jnp.asarray(preds["labels"]),
+                                    jnp.ones(len(p), bool)))
   return summary, preds
-
-
-def _close(it) -> None:
-  close = getattr(it, "close", None)
-  if close is not None:
-    close()
-
-
-# ---------------------------------------------------------------- run info
-
-
-def write_run_info(workdir: str, config, meta: records.DatasetMetadata) -> None:
-  """What evaluation and prediction need besides the checkpoint itself."""
-  info = {"config": json.loads(config.to_json_best_effort()),
-          "vocabulary": list(meta.vocabulary)}
-  path = os.path.join(workdir, RUN_INFO_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(info, f, indent=2)
-  os.replace(tmp, path)
-
-
-def read_run_info(workdir: str) -> tuple[ml_collections.ConfigDict, tuple[str, ...]]:
-  path = os.path.join(workdir, RUN_INFO_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir} a poster-cnn training workdir?")
-  with open(path) as f:
-    info = json.load(f)
-  return ml_collections.ConfigDict(info["config"]), tuple(info["vocabulary"])
 
 
 # ---------------------------------------------------------------- the loop
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so it can save and exit cleanly."""
+  """Turns SIGTERM into a flag the loop checks, so it can save and exit cleanly.
+
+  With several processes they must all stop after the same step (the save is a
+  collective), though the signal reaches each at a different one: jax's
+  preemption service (started by jax.distributed.initialize, with its own
+  SIGTERM handler) agrees on that step, asked through `stop_at` every step.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multiprocess = jax.process_count() > 1
+
+  def stop_at(self, step: int) -> bool:
+    """Whether to save and stop after `step`; call once per step, on every process."""
+    if self._multiprocess:
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def __enter__(self):
+    if self._multiprocess:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. called from a test runner thread)
@@ -310,15 +237,52 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(losses: list[tuple[int, jax.Array]], manager) -> None:
+def _check_finite(losses: list[tuple[int, jax.Array]], manager, abstract_state) -> None:
   for step, loss in losses:
     value = float(loss)
     if not math.isfinite(value):
-      last = manager.latest_step()
-      raise NonFiniteLossError(
-          f"loss is {value} at step {step}; last good checkpoint: "
-          + (f"step {last} in {manager.directory}" if last is not None else "none")
+      raise NonFiniteLossError(f"loss is {value} at step {step}; "
+                               + _last_good(manager, abstract_state))
+
+
+def _last_good(manager, abstract_state) -> str:
+  last = checkpoint.last_verified(manager, abstract_state)
+  return ("last good checkpoint: "
+          + (f"step {last} in {manager.directory} (verified)" if last is not None else "none")
           + ". Lower --config.optimizer.learning_rate or set grad_clip_norm.")
+
+
+class ConfigChangedError(ValueError):
+  """A resumed workdir's saved config differs in a field its checkpoints depend on."""
+
+
+def _resume_changes(run: RunDir, config, meta: records.DatasetMetadata) -> dict | None:
+  """The history entry of this start; raises ConfigChangedError before anything is touched.
+
+  A workdir with checkpoints is resumed: its saved config is compared with this
+  one. Differences in what the checkpointed state's shapes or labels depend on
+  (`run_dir.structural`) stop the run, listing the fields; the others are
+  logged and recorded in the run info's history.
+  """
+  if not run.run_info_file.exists():
+    return {"event": "start"}
+  info = run.read_info()
+  saved = {**info["config"], "vocabulary": info["vocabulary"]}
+  new = {**config.to_dict(), "vocabulary": list(meta.vocabulary)}
+  changes = run_dir_lib.config_changes(saved, new)
+  if not run.steps():  # nothing was checkpointed: nothing to keep consistent with
+    return {"event": "start", "changes": {k: list(v) for k, v in changes.items()}}
+  fatal = {k: v for k, v in changes.items() if run_dir_lib.structural(k)}
+  if fatal:
+    fields = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in fatal.items())
+    raise ConfigChangedError(
+        f"{run.path} holds checkpoints of a run whose config differs in fields the saved "
+        f"state depends on:\n{fields}\nResume with the saved values, or train in another "
+        "--workdir. (Nothing was changed in this one.)")
+  for k, (a, b) in changes.items():
+    logging.warning("resuming %s with --config.%s changed: %r -> %r", run.path, k, a, b)
+  return {"event": "resume", "from_step": run.steps()[-1],
+          "changes": {k: list(v) for k, v in changes.items()}}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -327,21 +291,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the last validation metrics.
   """
   if not config.data_dir:
-    raise ValueError("--config.data_dir is required: a directory written by "
-                     "poster-cnn-convert")
-  if config.mixup_alpha < 0:
-    raise ValueError(f"--config.mixup_alpha must be >= 0 (0 = off), not {config.mixup_alpha}")
-  workdir = os.path.abspath(workdir)
+    raise options.OptionError("--config.data_dir is required: a directory written by "
+                              "poster-cnn-convert")
+  run = RunDir(workdir)
+  workdir = os.fspath(run.path)
   is_chief = jax.process_index() == 0
   meta = records.read_metadata(config.data_dir)
+  options.validate(config, meta, jax.device_count())
+  history_entry = _resume_changes(run, config, meta)
 
   mesh = create_mesh()
-  if config.batch_size <= 0 or config.batch_size % jax.device_count():
-    raise ValueError(f"--config.batch_size={config.batch_size} is not a positive multiple "
-                     f"of the {jax.device_count()} devices")
   steps_per_epoch = meta.splits[config.train_split].num_examples // config.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"split {config.train_split!r} has fewer examples than one batch")
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else config.num_epochs * steps_per_epoch)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
@@ -354,8 +314,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Only now that every option has been checked (above and in the factories): a bad
   # flag must not leave a workdir behind, nor rewrite the run info of one it resumes.
   if is_chief:
-    os.makedirs(workdir, exist_ok=True)
-    write_run_info(workdir, config, meta)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_info(config, meta, history_entry=history_entry)
   train_fn, eval_fn = jit_steps(state, mesh, loss_fn, config.mixup_alpha, image_options(config))
 
   train_ds = pipeline.train_dataset(
@@ -365,13 +325,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = iter(train_ds)
 
   manager = checkpoint.create_manager(workdir, keep=config.keep_checkpoints)
-  restored_step, restored = checkpoint.restore_latest(manager, abstract_state, train_iter)
+  restored_step, restored = checkpoint.restore_latest(
+      manager, abstract_state, train_iter,
+      batch_size=pipeline.local_batch_size(config.batch_size, jax.process_count()))
   if restored is not None:
     state = restored
     logging.info("resumed from checkpoint at step %d", restored_step)
+  else:  # a fresh start reads from the start, whatever checkpoints were tried
+    inference.close(train_iter)
+    train_iter = iter(train_ds)
   start_step = int(state.step)
 
   writer = logs.MetricWriter(workdir, enabled=is_chief)
+  posters = _tensorboard_posters(config, meta) if is_chief else None
   logging.info("process %d/%d, devices: %d global, %d local (%s); %d steps of %d "
                "(%d per epoch) from step %d; 3x3 convolutions: %s", jax.process_index(),
                jax.process_count(), jax.device_count(), jax.local_device_count(),
@@ -392,9 +358,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         step += 1
         window_steps += 1
         pending.append((step, step_metrics["loss"]))
+        stop = preemption.stop_at(step)
 
         if step % config.log_every_steps == 0 or step == total_steps:
-          _check_finite(pending, manager)
+          _check_finite(pending, manager, abstract_state)
           elapsed = time.perf_counter() - window_start
           rate = window_steps * config.batch_size / elapsed
           loss = float(pending[-1][1])
@@ -408,30 +375,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         evaluate_now = step % eval_every == 0 or step == total_steps
         if evaluate_now:
-          _check_finite(pending, manager)
-          last_eval, _ = evaluate_split(config, state, eval_fn, mesh, config.data_dir,
-                                        config.eval_split)
+          _check_finite(pending, manager, abstract_state)
+          last_eval, preds = evaluate_split(config, state, eval_fn, mesh, config.data_dir,
+                                            config.eval_split, loss_fn)
           writer.write(step, last_eval, split=config.eval_split)
+          if posters is not None:  # the split's first records, as preds are ordered
+            n = len(posters)
+            writer.write_posters(step, config.eval_split, posters, logs.captions(
+                preds["labels"][:n], preds["scores"][:n], meta.vocabulary, config.top_k))
           logging.info("step %d  %s macro mAP %.4f  micro mAP %.4f  F1@top%d %.4f", step,
                        config.eval_split, last_eval["macro_map"], last_eval["micro_map"],
                        config.top_k, last_eval.get(f"f1_top{config.top_k}", float("nan")))
-        if evaluate_now or step % ckpt_every == 0 or preemption.requested:
-          checkpoint.save(manager, step, state, train_iter,
-                          metrics=_checkpoint_metrics(last_eval) if evaluate_now else None)
+        if evaluate_now or step % ckpt_every == 0 or stop:
+          _check_finite(pending, manager, abstract_state)  # never save a diverged state
+          try:
+            checkpoint.save(manager, step, state, train_iter,
+                            metrics=_checkpoint_metrics(last_eval) if evaluate_now else None)
+          except checkpoint.NonFiniteStateError as e:
+            raise NonFiniteLossError(f"{e}; {_last_good(manager, abstract_state)}") from None
         if evaluate_now:
           # img/s and ETA measure training alone: the next window starts here, with
           # the steps before the evaluation (already waited for) left out of it.
           window_start, window_steps = time.perf_counter(), 0
-        if preemption.requested:
+        if stop:
           logging.warning("stopping at step %d after preemption", step)
           break
     finally:
-      manager.wait_until_finished()
+      checkpoint.finish(manager)
+      writer.write_hparams(config, last_eval)
       writer.close()
-      _close(train_iter)
+      inference.close(train_iter)
   logging.info("trained %d steps in %s", step - start_step,
                _format_seconds(time.perf_counter() - run_start))
   return last_eval
+
+
+def _tensorboard_posters(config, meta: records.DatasetMetadata, n: int = 8
+                         ) -> np.ndarray | None:
+  """The first `n` posters of the eval split as the model sees them, uint8 (n, H, W, 3)."""
+  if not config.eval_split:
+    return None
+  size = min(n, meta.splits[config.eval_split].num_examples)
+  opts = image_options(config)
+  carrier = pipeline.carrier_size(meta.image_size, opts)
+  stored = np.stack([pipeline.decode_stored(ex["image"], carrier, resize=opts.resize)
+                     for ex in inference.read_examples(config.data_dir, config.eval_split,
+                                                       range(size))])
+  shown = preprocess.prepare(jnp.asarray(stored), opts)  # the eval step's resize
+  return np.asarray(jnp.clip(jnp.round(shown), 0, 255).astype(jnp.uint8))
 
 
 def _next_batch(it, step: int, config) -> dict:

@@ -38,17 +38,24 @@ def _poster(labels: np.ndarray, rng: np.random.Generator, size: int) -> bytes:
 
 
 def write_dataset(directory, split_sizes: dict[str, int], *, shards: int = 2,
-                  size: int = 16, seed: int = 0) -> records.DatasetMetadata:
+                  size: int = 16, seed: int = 0,
+                  vocabulary: tuple[str, ...] = VOCAB) -> records.DatasetMetadata:
   """A dataset of `split_sizes` examples per split with learnable colour labels.
 
-  Example ids are '<split>-<i>' so tests can check coverage exactly.
+  Example ids are '<split>-<i>' so tests can check coverage exactly. The posters
+  are drawn from labels over VOCAB; `vocabulary` (VOCAB's genres in another
+  order, fewer of them, or others, which are never positive) is what is stored,
+  so the same seed gives the same posters under any vocabulary.
   """
+  columns = [VOCAB.index(g) if g in VOCAB else None for g in vocabulary]
   rng = np.random.default_rng(seed)
   os.makedirs(directory, exist_ok=True)
   splits = {}
   for split, n in split_sizes.items():
     labels = (rng.random((n, len(VOCAB))) < 0.4).astype(np.uint8)
     labels[labels.sum(1) == 0, 0] = 1
+    stored = np.stack([labels[:, c] if c is not None else np.zeros(n, np.uint8)
+                       for c in columns], axis=1)
     lengths, num_bytes = [], 0
     bounds = np.linspace(0, n, shards + 1).astype(int)
     for s in range(shards):
@@ -57,12 +64,12 @@ def write_dataset(directory, split_sizes: dict[str, int], *, shards: int = 2,
         for i in range(bounds[s], bounds[s + 1]):
           w.write(records.encode_example(image=_poster(labels[i], rng, size),
                                          id=f"{split}-{i}", title=f"Movie {i}",
-                                         labels=labels[i], vocabulary=VOCAB))
+                                         labels=stored[i], vocabulary=vocabulary))
       lengths.append(int(bounds[s + 1] - bounds[s]))
       num_bytes += w.num_bytes
     splits[split] = records.SplitInfo(split, n, tuple(lengths), num_bytes,
-                                      tuple(int(x) for x in labels.sum(0)))
-  meta = records.DatasetMetadata(vocabulary=VOCAB, splits=splits, image_size=None)
+                                      tuple(int(x) for x in stored.sum(0)))
+  meta = records.DatasetMetadata(vocabulary=tuple(vocabulary), splits=splits, image_size=None)
   records.write_metadata(directory, meta)
   return meta
 

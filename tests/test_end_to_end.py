@@ -25,9 +25,11 @@ def test_synthetic_posters_to_predictions(tmp_path):
   _run("poster_cnn.main", "--config=configs/tiny.py", f"--config.data_dir={data}",
        f"--workdir={run}")
   out = _run("poster_cnn.main", "--mode=evaluate", f"--workdir={run}").stdout
-  assert "macro_map" in out
-  [result] = [f for f in os.listdir(run) if f.startswith("eval_test_step") and f.endswith(".json")]
-  summary = json.loads((run / result).read_text())
+  assert "macro mAP" in out
+  [folder] = os.listdir(run / "evaluations")
+  [result] = [f for f in os.listdir(run / "evaluations" / folder)
+              if f.startswith("test_step") and f.endswith(".json")]
+  summary = json.loads((run / "evaluations" / folder / result).read_text())
   assert summary["vocabulary"][:2] == ["action", "adventure"]
   assert 25 <= summary["num_examples"] <= 40
   first = sorted(os.listdir(src / "posters"))[0]

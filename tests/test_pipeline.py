@@ -181,7 +181,7 @@ def test_read_ahead_is_a_few_batches_not_the_dataset(tiny_dataset, monkeypatch):
   import time
   decoded = 0
   lock = threading.Lock()
-  real = pipeline.decode_image
+  real = pipeline.decode_stored
 
   def counting(*args, **kwargs):
     nonlocal decoded
@@ -189,7 +189,7 @@ def test_read_ahead_is_a_few_batches_not_the_dataset(tiny_dataset, monkeypatch):
       decoded += 1
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(pipeline, "decode_image", counting)
+  monkeypatch.setattr(pipeline, "decode_stored", counting)
   it = iter(pipeline.train_dataset(tiny_dataset, "train", global_batch_size=4, image=OPTS,
                                    seed=0, num_workers=0))
   next(it)

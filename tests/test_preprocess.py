@@ -1,6 +1,5 @@
 import io
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +78,24 @@ def test_flip_alone_mirrors_some_examples_and_leaves_the_others():
   assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
 
 
+def test_the_eval_step_resizes_as_prepare_does():
+  # Evaluation and prediction (inference.jit_eval_step) take the pipeline's carrier-size
+  # batches and resize them on the device, exactly as prepare does without a key.
+  from poster_cnn import inference
+  mesh = inference.create_mesh()
+  x = _images(h=24, w=16)
+  opts = pipeline.ImageOptions(height=16, width=12)
+
+  def apply_fn(variables, images, train):
+    return images.reshape(len(images), -1)[:, :7] * variables["scale"]
+
+  variables = {"scale": jnp.float32(0.01)}
+  got = inference.jit_eval_step(apply_fn, mesh, opts)(
+      variables, inference.global_batch({"image": x}, mesh))
+  want = jax.nn.sigmoid(apply_fn(variables, preprocess.prepare(jnp.asarray(x), opts), False))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
 # ------------------------------------------------------------------ stored layouts
 
 
@@ -126,35 +143,3 @@ def test_raw_layout_ships_the_pixels_the_jpeg_layout_decodes(tmp_path):
 def test_raw_needs_an_image_size(tmp_path):
   with pytest.raises(convert.ConversionError, match="image_format=raw"):
     convert.convert(_kaggle(tmp_path), tmp_path / "raw", image_format="raw", num_workers=0)
-
-
-def test_a_dataset_stored_at_its_own_size_trains_and_resumes_bitwise(tiny_dataset, tmp_path):
-  # Device resize (24x16 -> 32x32) and every augmentation on: a run resumed from a
-  # checkpoint ends with the same parameters as one run straight through.
-  from configs import tiny
-  from poster_cnn import checkpoint, train
-  data = tmp_path / "fixed"
-  shutil.copytree(tiny_dataset, data)
-  meta = json.loads((data / "metadata.json").read_text())
-  meta["image_size"] = [24, 16]  # the fixture's posters are all 16 wide, 24 high
-  (data / "metadata.json").write_text(json.dumps(meta))
-
-  def run(workdir, steps):
-    c = tiny.get_config()
-    c.data_dir, c.num_train_steps = str(data), steps
-    c.eval_every_steps, c.checkpoint_every_steps = 6, 3
-    c.image.random_crop = c.image.horizontal_flip = True
-    c.image.color_jitter = 0.2
-    train.train_and_evaluate(c, str(workdir))
-
-  run(tmp_path / "straight", 6)
-  run(tmp_path / "resumed", 3)
-  run(tmp_path / "resumed", 6)
-  leaves = []
-  for w in ("straight", "resumed"):
-    manager = checkpoint.create_manager(tmp_path / w, read_only=True)
-    restored = manager.restore(6, args=checkpoint.ocp.args.Composite(
-        state=checkpoint.ocp.args.StandardRestore()))
-    leaves.append(jax.tree.leaves(restored["state"]["params"]))
-  for a, b in zip(*leaves):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 from poster_cnn import evaluate, metrics, report
+from poster_cnn.run_dir import RunDir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = ["red", "green", "blue", "bright"]  # conftest's tiny_dataset
@@ -35,7 +37,8 @@ def reported(tiny_dataset, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
   _run("--config=configs/tiny.py", f"--config.data_dir={tiny_dataset}", f"--workdir={workdir}")
   out = _run("--mode=report", f"--workdir={workdir}", "--step=latest").stdout
-  return workdir, workdir / f"report_test_step{STEP}", out
+  run = RunDir(workdir)
+  return workdir, run.report(run.evaluation(tiny_dataset, "test", STEP)), out
 
 
 def test_report_draws_every_plot(reported):
@@ -52,7 +55,7 @@ def test_report_draws_every_plot(reported):
 
 def test_report_documents_show_every_plot_and_the_metrics(reported):
   workdir, out_dir, _ = reported
-  summary = json.loads((workdir / f"eval_test_step{STEP}.json").read_text())
+  summary, _ = evaluate.read_eval(str(workdir), "test", STEP)
   macro = f"{summary['macro_map']:.4f}"
   md = (out_dir / "report.md").read_text()
   page = (out_dir / "report.html").read_text()
@@ -62,8 +65,50 @@ def test_report_documents_show_every_plot_and_the_metrics(reported):
   # Self-contained: every image is embedded, none is only linked.
   assert page.count('src="data:image/png;base64,') == len(report.FIGURES)
   for text in (md, page):
-    assert macro in text and "prior_macro_map" in text
+    assert macro in text and "label prior macro mAP" in text
     assert all(genre in text for genre in VOCAB)
+
+
+def test_report_shows_the_run_model_dataset_config_and_a_gallery(reported):
+  workdir, out_dir, _ = reported
+  page = (out_dir / "report.html").read_text()
+  md = (out_dir / "report.md").read_text()
+  for section in ("Model", "Dataset", "Config"):
+    assert f"<h2>{section}</h2>" in page and f"## {section}" in md
+  assert "paper_cnn" in page and "conv_features" in page and "optimizer.learning_rate" in page
+  assert str(workdir / "checkpoints" / str(STEP)) in page
+  # 12 sampled test posters, then the 4 highest-scoring of each of the 4 genres.
+  assert page.count('<div class="card">') == 12 + 4 * 4
+  assert page.count('src="data:image/jpeg;base64,') == 12 + 4 * 4
+  assert page.count('<li class="hit">') + page.count('<li class="miss">') == 3 * (12 + 16)
+
+
+def _chromium() -> str | None:
+  return next(filter(None, map(shutil.which, ("chromium", "chromium-browser",
+                                              "google-chrome"))), None)
+
+
+@pytest.mark.skipif(_chromium() is None,
+                    reason="no chromium on PATH (Debian: apt-get install chromium)")
+def test_report_renders_in_a_headless_browser_with_every_image_loaded(reported, tmp_path):
+  _, out_dir, _ = reported
+  # After the page loads, a probe records how many images decoded (naturalWidth > 0).
+  probe = (out_dir / "report.html").read_text().replace("</body>", """<script>
+    window.addEventListener("load", () => {
+      const images = [...document.images];
+      const ok = images.filter(i => i.complete && i.naturalWidth > 0);
+      document.body.setAttribute("data-images", images.length + " " + ok.length);
+    });</script></body>""")
+  page = tmp_path / "probe.html"
+  page.write_text(probe)
+  proc = subprocess.run(
+      [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+       f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
+       page.as_uri()], capture_output=True, text=True, timeout=120)
+  found = re.search(r'data-images="(\d+) (\d+)"', proc.stdout)
+  assert found, proc.stderr[-2000:]
+  total, loaded = map(int, found.groups())
+  assert total == len(report.FIGURES) + 12 + 4 * 4 and loaded == total
 
 
 def test_evaluation_saves_per_class_fields_and_predictions(reported):
@@ -89,13 +134,13 @@ def test_evaluation_saves_per_class_fields_and_predictions(reported):
                               summary["per_class_f1_calibrated"]], f1)
 
   table = evaluate.format_report(summary)
-  assert all(genre in table for genre in VOCAB) and "prior_micro_map" in table
+  assert all(genre in table for genre in VOCAB) and "label prior micro mAP" in table
 
 
 def test_report_is_redrawn_without_the_model(reported, tmp_path):
   workdir, _, _ = reported
   copy = tmp_path / "run"
-  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("checkpoints", "report_*"))
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("checkpoints", "reports"))
   out_dir = report.write_report(str(copy), step=STEP)
   assert sorted(os.listdir(out_dir)) == sorted(
       [name for name, _ in report.FIGURES] + ["report.md", "report.html"])

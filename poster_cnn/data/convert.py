@@ -10,7 +10,10 @@ genre, e.g. `Id,Genre,Action,Adventure,...`). Other CSVs: --id_column, --genre_c
 (+ --genre_separator) or --genre_columns, --image_column.
 
 Every data row reaches the output or is listed in the report under a reason:
-malformed_row, undecodable_text, empty_genres, conflicting_duplicate (CSV rows);
+malformed_row (a line the CSV parser cannot read as one row, e.g. an unbalanced quote:
+it alone is skipped, parsing resumes on the next line), undecodable_text, invalid_id
+(an id holding '/' or '\\': ids are never paths), empty_genres, conflicting_duplicate
+(CSV rows);
 missing_image, unreadable_image, empty_image, corrupt_image, decompression_bomb
 (images); duplicate, unlabeled (FILTERED: the user's choices, not counted towards
 --max_skipped_fraction, which fails the run above that fraction of the other rows).
@@ -21,6 +24,11 @@ PNG, GIF, WebP, CMYK, greyscale, palette and 16-bit images become RGB JPEGs
 The report goes to `<output_dir>.report.json` beside the output on every run that reads
 the CSV (failed runs too, to say why) and into a published dataset as
 `conversion_report.json`; metadata.json keeps its counts and the arguments.
+
+--overwrite replaces only a directory holding a dataset this converter wrote, never a
+file or another folder. A conversion killed mid-run (SIGKILL) leaves its staging
+directory beside the output; the next conversion to that output removes it (and puts
+back an old dataset an interrupted swap had moved aside). SIGTERM cleans up like Ctrl-C.
 
 Stages: read the CSV once (ids, genres, titles); drop duplicates; choose the vocabulary
 (`csv_rows`); assign splits by iterative stratification (`splits`); convert images in
@@ -38,6 +46,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -47,6 +56,7 @@ import numpy as np
 from absl import logging
 
 from poster_cnn.data import csv_rows, images, records, tfrecord
+from poster_cnn.data import split_file as split_file_lib
 from poster_cnn.data import splits as splits_lib
 # What convert() raises, importable beside it.
 from poster_cnn.data.csv_rows import ConversionError
@@ -185,19 +195,87 @@ def write_splits(directory: Path, rows: list[csv_rows.Row], labels: np.ndarray,
   return {w.split: w.finish() for w in writers}
 
 
+def is_converted_dataset(path: Path) -> bool:
+  """Whether `path` is a directory holding a dataset this converter wrote (its TFDS info
+  and a metadata.json recording the conversion)."""
+  try:
+    meta = json.loads((path / records.METADATA_FILE).read_text())
+    return (path / records.INFO_FILE).is_file() and isinstance(meta, dict) and (
+        "conversion" in meta)
+  except (OSError, ValueError):
+    return False
+
+
 def _check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
-  """Refuses to replace an existing output without --overwrite, or one holding inputs."""
+  """Refuses to replace an existing output without --overwrite, one holding inputs,
+  and anything but a dataset this converter wrote (a file, another folder)."""
   if not output_dir.exists():
     return
   if output_dir.is_dir() and not any(output_dir.iterdir()):
     return  # an empty directory holds nothing to lose
-  if not overwrite:
-    raise ConversionError(f"--output_dir={output_dir} exists: pass --overwrite to replace it "
-                          "(it is replaced only once the new dataset is complete)")
   for path in inputs:
     if path.resolve().is_relative_to(output_dir.resolve()):
       raise ConversionError(f"--output_dir={output_dir} contains the input {path}: "
                             "--overwrite would delete it; choose another --output_dir")
+  if not output_dir.is_dir():
+    raise ConversionError(f"--output_dir={output_dir} is a file, not a dataset: it is "
+                          "never replaced; choose another --output_dir")
+  if not is_converted_dataset(output_dir):
+    raise ConversionError(f"--output_dir={output_dir} is a folder that holds no dataset "
+                          f"written by poster-cnn-convert (no {records.METADATA_FILE} "
+                          "recording a conversion): it is never replaced, even with "
+                          "--overwrite; choose another --output_dir")
+  if not overwrite:
+    raise ConversionError(f"--output_dir={output_dir} exists: pass --overwrite to replace it "
+                          "(it is replaced only once the new dataset is complete)")
+
+
+def _check_writable(output_dir: Path) -> None:
+  """Creates the output's parent and a scratch directory in it, so a parent that is a
+  file, read-only or not a real file system (/proc) fails before the CSV is read."""
+  try:
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    _sibling(output_dir, "probe").rmdir()
+  except OSError as e:
+    where = e.filename or output_dir.parent
+    raise ConversionError(f"--output_dir={output_dir}: cannot write there "
+                          f"({where}: {e.strerror or e})") from None
+
+
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|probe)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def clean_leftovers(output_dir: Path) -> None:
+  """Removes what a killed conversion to `output_dir` left beside it (SIGKILL runs no
+  cleanup): partial new datasets, and old ones moved aside for the swap; an old one is
+  moved back when the swap was cut short before the new one took its place. Siblings
+  of a conversion still running (its process alive) are left alone."""
+  try:
+    siblings = list(output_dir.parent.iterdir())
+  except OSError:
+    return
+  for path in siblings:
+    m = _LEFTOVER.fullmatch(path.name)
+    if not m or m["name"] != output_dir.name or _alive(int(m["pid"])):
+      continue
+    old = path / output_dir.name
+    if m["kind"] == "old" and old.is_dir() and not output_dir.exists():
+      os.rename(old, output_dir)
+      logging.warning("restored %s from %s, where an interrupted --overwrite had moved it",
+                      output_dir, path)
+    shutil.rmtree(path, ignore_errors=True)
+    logging.warning("removed %s, left by an interrupted conversion (process %s)", path,
+                    m["pid"])
 
 
 def _sibling(path: Path, kind: str) -> Path:
@@ -296,6 +374,7 @@ def _check_arguments(*, unlabeled, jpeg_quality, examples_per_shard, num_workers
 def _plan_rows(
     text: str, report: csv_rows.Report, result: dict, layout_flags: dict, vocabulary,
     unlabeled: str, fractions: dict[str, float], seed: int, image_dir: Path,
+    fixed_splits: split_file_lib.SplitFile | None = None,
 ) -> tuple[list[csv_rows.Row], np.ndarray, tuple[str, ...], list]:
   """CSV text -> (rows, uint8 labels (n, k), vocabulary, row indices per split);
   fills `result`'s layout and vocabulary as soon as they are known."""
@@ -314,6 +393,9 @@ def _plan_rows(
   if result["genres_without_rows"]:
     logging.warning("vocabulary genres without any row: %s", result["genres_without_rows"])
   logging.info("%d usable rows (%s layout), %d genres", len(rows), layout.kind, len(vocab))
+  if fixed_splits is not None:
+    return rows, labels, vocab, split_file_lib.plan_from_file([r.id for r in rows],
+                                                              fixed_splits, seed)
   return rows, labels, vocab, splits_lib.plan_splits(labels, list(fractions.values()), seed)
 
 
@@ -338,6 +420,7 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
             encoding: str = "auto", vocabulary: str | Sequence[str] = "paper",
             unlabeled: str = "drop",
             splits: str | dict[str, float] = splits_lib.DEFAULT_SPLITS,
+            split_file: str | os.PathLike | None = None,
             seed: int = 0, image_size: str | Sequence[int] | None = None,
             jpeg_quality: int = 95, image_format: str = "jpeg",
             examples_per_shard: int = 1000,
@@ -363,6 +446,10 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
                       title_column=title_column, genre_column=genre_column,
                       genre_columns=genre_columns, genre_separator=genre_separator)
   fractions, size = splits_lib.parse_splits(splits), parse_image_size(image_size)
+  # A fixed split (split_file.py) replaces --splits' fractions; its names are the splits.
+  fixed_splits = split_file_lib.read_split_file(split_file) if split_file else None
+  if fixed_splits is not None:
+    fractions = {name: math.nan for name in fixed_splits.names}
   num_workers = default_num_workers() if num_workers is None else num_workers
   _check_arguments(unlabeled=unlabeled, jpeg_quality=jpeg_quality, num_workers=num_workers,
                    examples_per_shard=examples_per_shard, max_image_pixels=max_image_pixels,
@@ -373,7 +460,9 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
   csv_path, output_dir = Path(csv_path), Path(output_dir)
   image_dir = Path(image_dir) if image_dir else next(
       (p for p in (csv_path.parent / n for n in IMAGE_DIR_NAMES) if p.is_dir()), csv_path.parent)
+  clean_leftovers(output_dir)
   _check_output(output_dir, overwrite, [csv_path, image_dir])
+  _check_writable(output_dir)
   text, used_encoding = csv_rows.read_csv_text(csv_path, encoding)
 
   start, report = time.monotonic(), csv_rows.Report()
@@ -385,7 +474,7 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
   split_sizes = {name: 0 for name in fractions}
   try:
     rows, labels, vocab, plan = _plan_rows(text, report, result, layout_flags, vocabulary,
-                                           unlabeled, fractions, seed, image_dir)
+                                           unlabeled, fractions, seed, image_dir, fixed_splits)
     del text
     logging.info("converting %d posters from %s with %d workers", len(rows), csv_path,
                  num_workers)
@@ -412,7 +501,13 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
     result.update(status="failed", error=str(e) or type(e).__name__,
                   summary=report.summary(split_sizes), reasons=report.listing())
     result["summary"]["seconds"] = round(time.monotonic() - start, 3)
-    _write_report(report_path, result)
+    try:
+      _write_report(report_path, result)
+    except OSError as write_error:
+      logging.warning("could not write %s: %s", report_path, write_error)
+    if isinstance(e, OSError):  # e.g. the disk filled up: nothing was published
+      raise ConversionError(f"writing {output_dir} failed: {e}; nothing was published",
+                            result) from None
     if isinstance(e, ConversionError):
       e.report = result
     raise
@@ -450,6 +545,8 @@ def _define_flags() -> dict:
                                   "Rows with no genre in the vocabulary."),
       splits=text("splits", splits_lib.DEFAULT_SPLITS,
                   "name:fraction,... (train:0.8,test:0.2: the paper)."),
+      split_file=text("split_file", None, "A fixed split instead of --splits: a CSV of "
+                      "id,split (e.g. configs/splits/movie_posters.csv); see split_file.py."),
       seed=number("seed", 0, "Seed of the split assignment and order."),
       image_size=text("image_size", "none", "HEIGHTxWIDTH to resize to, or none."),
       jpeg_quality=number("jpeg_quality", 95, "Quality of re-encoded JPEGs."),
@@ -470,6 +567,14 @@ def _define_flags() -> dict:
   )
 
 
+class Terminated(KeyboardInterrupt):
+  """SIGTERM, raised like Ctrl-C so that the staging directory and workers are cleaned up."""
+
+
+def _raise_terminated(signum, frame):
+  raise Terminated()
+
+
 def run() -> None:
   """The poster-cnn-convert console script: exit status 1 when the conversion fails."""
   from absl import app
@@ -478,8 +583,12 @@ def run() -> None:
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
       report = convert(**{name: holder.value for name, holder in holders.items()})
+    except Terminated:
+      print("poster-cnn-convert: terminated (SIGTERM); no dataset written", file=sys.stderr)
+      return 143
     except ConversionError as e:
       if e.report is not None:
         print(format_summary(e.report))

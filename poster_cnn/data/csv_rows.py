@@ -35,6 +35,7 @@ _NOT_GENRE_KEYS = frozenset({
 _BINARY = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}
 _SAMPLE_ROWS = 200
 _SURROGATE = re.compile("[\udc80-\udcff]")  # bytes the encoding could not decode
+_PATH_CHARACTERS = re.compile(r"[/\\\x00]")
 
 
 class ConversionError(Exception):
@@ -66,23 +67,34 @@ def normalize_genre(name: str) -> str:
 def read_csv_text(path: Path, encoding: str = "auto") -> tuple[str, str]:
   """The CSV's text and the encoding used.
 
-  'auto' tries UTF-8 (a BOM allowed) and falls back to latin-1, the Kaggle file's
-  encoding. Under an explicit encoding, undecodable bytes become lone surrogates so
-  that only their rows are skipped (as 'undecodable_text').
+  'auto' reads UTF-8 (a BOM allowed). A file that is not valid UTF-8 is read as
+  latin-1 (the Kaggle file's encoding) only when it holds no valid multi-byte UTF-8
+  character at all; one that does is UTF-8 with a few bad bytes, whose rows are
+  skipped as 'undecodable_text' rather than the whole file turned to mojibake. Under
+  an explicit encoding, too, undecodable bytes become lone surrogates so that only
+  their rows are skipped.
   """
   try:
     data = path.read_bytes()
   except FileNotFoundError:
     raise ConversionError(f"--csv={path}: file not found") from None
+  except IsADirectoryError:
+    raise ConversionError(f"--csv={path}: a directory, not a CSV file") from None
   except OSError as e:
-    raise ConversionError(f"--csv={path}: cannot read: {e}") from None
+    raise ConversionError(f"--csv={path}: cannot read: {e.strerror or e}") from None
   if encoding == "auto":
-    try:
-      return data.decode("utf-8-sig"), "utf-8"
-    except UnicodeDecodeError as e:
-      logging.warning("%s is not UTF-8 (byte %d): reading it as latin-1; pass --encoding "
-                      "to choose", path, e.start)
-      return data.decode("latin-1"), "latin-1"
+    text = data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    bad = len(_SURROGATE.findall(text))
+    if not bad:
+      return text, "utf-8"
+    multibyte = len(text) - len(text.encode("ascii", "ignore")) - bad
+    if multibyte >= bad:
+      logging.warning("%s is UTF-8 but for %d undecodable byte(s): their rows are skipped "
+                      "as undecodable_text; pass --encoding to choose", path, bad)
+      return text, "utf-8"
+    logging.warning("%s is not UTF-8 (%d bytes invalid, no valid multi-byte character): "
+                    "reading it as latin-1; pass --encoding to choose", path, bad)
+    return data.decode("latin-1"), "latin-1"
   try:
     codecs.lookup(encoding)
   except LookupError:
@@ -90,19 +102,63 @@ def read_csv_text(path: Path, encoding: str = "auto") -> tuple[str, str]:
   return data.decode(encoding, errors="surrogateescape").removeprefix("\ufeff"), encoding
 
 
-def _csv_records(text: str) -> Iterator[tuple[int, int, list[str] | csv.Error]]:
-  """(first line, last line, fields or the csv.Error) per CSV record; lines 1-based."""
-  reader = csv.reader(io.StringIO(text, newline=""))
-  end = 0
-  while True:
-    try:
-      fields = next(reader)
-    except StopIteration:
+@dataclasses.dataclass(frozen=True)
+class BadRecord:
+  """A CSV line that does not parse as one row: why, and its fields read as one line
+  (for the id the report names)."""
+
+  detail: str
+  fields: list[str]
+
+
+def _one_line(line: str) -> list[str]:
+  try:
+    return next(csv.reader([line]), [])
+  except csv.Error:
+    return []
+
+
+def _csv_records(text: str) -> Iterator[tuple[int, int, list[str] | BadRecord]]:
+  """(first line, last line, fields or BadRecord) per CSV record; lines 1-based.
+
+  A quoted field may hold newlines (valid CSV, e.g. a two-line title), but an
+  unbalanced quote would make the field run on over the rows that follow. So a record
+  spanning several lines is kept only when it has the header's field count and none
+  of the lines it spans parses alone as a row of that count; otherwise its first line
+  is reported as malformed and parsing resumes at the next line: a stray quote costs
+  its own row, never the rows after it.
+  """
+  lines = io.StringIO(text, newline="").readlines()
+  num_fields, start = None, 0
+  while start < len(lines):
+    reader = csv.reader(lines[j] for j in range(start, len(lines)))
+    first = start
+    while True:
+      error = None
+      try:
+        fields = next(reader)
+      except StopIteration:
+        return
+      except csv.Error as e:
+        error = f"not CSV: {e}"
+      last = start + reader.line_num - 1  # 0-based index of the record's last line
+      if error is None and last > first and num_fields is not None:
+        if len(fields) != num_fields:
+          error = (f"a quoted field runs from line {first + 1} to line {last + 1} "
+                   "(unbalanced quote?)")
+        elif any(len(_one_line(lines[j])) == num_fields for j in range(first + 1, last + 1)):
+          over = f"line {last + 1}" if last == first + 1 else f"lines {first + 2}-{last + 1}"
+          error = f"a quoted field runs on over the row(s) of {over} (unbalanced quote?)"
+      if error is not None:
+        yield first + 1, first + 1, BadRecord(error, _one_line(lines[first]))
+        start = first + 1  # resynchronise on the next line
+        break
+      if num_fields is None:
+        num_fields = len(fields)
+      yield first + 1, last + 1, fields
+      first = last + 1
+    else:
       return
-    except csv.Error as e:
-      fields = e
-    start, end = end + 1, reader.line_num
-    yield start, end, fields
 
 
 def _key(column: str) -> str:
@@ -225,14 +281,20 @@ def parse_row(fields: list[str], line: int, end: int, num_fields: int,
                 row_id)
   used = [layout.id_column, layout.genre_column, layout.image_column, layout.title_column]
   values = [fields[columns[c]] for c in used if c]
-  if end > line and any("\n" in v or "\r" in v for v in values):
-    raise _Skip("malformed_row", f"a quoted field spans lines {line}-{end} "
-                "(unbalanced quote?)", row_id)
+  # A title may span lines (a quoted newline); an id, genre or image name may not.
+  if end > line and any("\n" in fields[columns[c]] or "\r" in fields[columns[c]]
+                        for c in used[:3] if c):
+    raise _Skip("malformed_row", f"a quoted newline inside the id, genre or image field "
+                f"(lines {line}-{end})", row_id)
   if any(_SURROGATE.search(v) for v in values):
     raise _Skip("undecodable_text", "bytes invalid in the CSV's encoding; see --encoding",
                 row_id)
   if not row_id:
     raise _Skip("malformed_row", "empty id")
+  if _PATH_CHARACTERS.search(row_id):
+    # An id names <image_dir>/<id>.jpg: '../x' or '/etc/x' would read outside it.
+    raise _Skip("invalid_id", "an id must not contain '/', '\\' or NUL (it names "
+                "<image_dir>/<id>.jpg); use --image_column for paths", row_id)
   if layout.genre_column:
     genres = _split_genres(fields[columns[layout.genre_column]], layout.genre_separator)
   else:
@@ -250,7 +312,8 @@ def parse_row(fields: list[str], line: int, end: int, num_fields: int,
     image = fields[columns[layout.image_column]].strip()
     if not image:
       raise _Skip("malformed_row", f"empty {layout.image_column!r}", row_id)
-  title = fields[columns[layout.title_column]].strip() if layout.title_column else ""
+  title = fields[columns[layout.title_column]] if layout.title_column else ""
+  title = " ".join(title.split()) if "\n" in title or "\r" in title else title.strip()
   return Row(line, row_id, tuple(sorted(genres)), title, image)
 
 
@@ -302,7 +365,7 @@ def read_rows(text: str, report: Report, **layout_flags) -> tuple[Layout, list[R
   """Parses the CSV text into rows, recording unusable ones in `report`."""
   records_ = _csv_records(text)
   first = next(records_, None)
-  if first is None or isinstance(first[2], csv.Error) or not any(first[2]):
+  if first is None or isinstance(first[2], BadRecord) or not any(first[2]):
     raise ConversionError("the CSV is empty or its header is unreadable")
   header = [h.strip() for h in first[2]]
   head = list(itertools.islice(records_, _SAMPLE_ROWS))
@@ -316,8 +379,10 @@ def read_rows(text: str, report: Report, **layout_flags) -> tuple[Layout, list[R
       continue  # blank line, or only commas
     report.rows += 1
     try:
-      if isinstance(fields, csv.Error):
-        raise _Skip("malformed_row", str(fields))
+      if isinstance(fields, BadRecord):
+        i = columns[layout.id_column]
+        raise _Skip("malformed_row", fields.detail,
+                    fields.fields[i].strip() if len(fields.fields) > i else "")
       rows.append(parse_row(fields, line, end, len(header), columns, layout))
     except _Skip as s:
       report.skip(s.reason, s.id, line, s.detail)

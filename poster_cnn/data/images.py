@@ -1,5 +1,6 @@
-"""Poster files -> validated RGB JPEG bytes (a decompression-bomb limit, any PIL mode
-converted, an optional resize), streamed in order from a pool of worker processes."""
+"""Poster files -> validated RGB JPEG bytes or raw uint8 pixels (a decompression-bomb
+limit, any PIL mode converted, an optional resize), streamed in order from a pool of
+worker processes."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
+from absl import logging
 from PIL import Image, UnidentifiedImageError
 
-from poster_cnn.data import csv_rows
+from poster_cnn.data import csv_rows, workers
 
 # 40 MP is far above any poster scan yet keeps a worker's decoded image under 120 MB.
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+DEFAULT_JPEG_QUALITY = 95
 _CHUNK = 16  # images per worker task: amortises inter-process overhead
 
 
@@ -36,6 +39,22 @@ class JpegOptions:
   quality: int
   max_pixels: int
   raw: bool = False  # uint8 pixels (height, width, 3) instead of JPEG; needs `size`
+
+
+def dataset_options(data_dir: str | os.PathLike | None) -> JpegOptions:
+  """The options the dataset at `data_dir` was converted with (its metadata records
+  them); the converter's defaults when it cannot be read."""
+  from poster_cnn.data import records  # here: the workers' imports stay light
+  try:
+    meta = records.read_metadata(data_dir)
+  except (OSError, ValueError, TypeError) as e:
+    logging.warning("dataset %s unreadable (%s): preparing images with the converter's "
+                    "default options", data_dir, e)
+    return JpegOptions(None, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_IMAGE_PIXELS)
+  args = meta.extra.get("conversion", {}).get("arguments", {})
+  return JpegOptions(meta.image_size, int(args.get("jpeg_quality", DEFAULT_JPEG_QUALITY)),
+                     int(args.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
+                     raw=meta.extra.get("image_format", "jpeg") == "raw")
 
 
 @contextlib.contextmanager
@@ -67,39 +86,58 @@ def _to_rgb(img: Image.Image) -> Image.Image:
   return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def _to_jpeg(data: bytes, opts: JpegOptions) -> bytes:
-  """Validated RGB JPEG bytes: `data` itself when it already is one and no resize is
-  asked, else decoded, converted and re-encoded."""
+def _load(data: bytes, opts: JpegOptions) -> Image.Image:
+  """A fully decoded PIL image; JPEGs at the smallest DCT scale still >= 2x `opts.size`."""
   with _pixel_limit(opts.max_pixels):
     img = Image.open(io.BytesIO(data))  # checks the pixel count in the header
     if opts.size and img.format == "JPEG":
       h, w = opts.size
       img.draft(None, (2 * w, 2 * h))  # DCT-domain downscale, kept >= 2x the target
     img.load()  # a full decode: truncation and corruption surface here
+  return img
+
+
+def _resized_rgb(img: Image.Image, opts: JpegOptions) -> Image.Image:
   # EXIF orientation is left alone, as TensorFlow's and the pipeline's decoders do.
-  if img.format == "JPEG" and img.mode == "RGB" and opts.size in (None, img.size[::-1]):
-    return data
   img = _to_rgb(img)
   if opts.size and img.size != opts.size[::-1]:
     # BICUBIC in PIL widens its kernel when shrinking, so it averages like area resampling.
     img = img.resize(opts.size[::-1], Image.BICUBIC)
+  return img
+
+
+def to_jpeg(data: bytes, opts: JpegOptions) -> bytes:
+  """Validated RGB JPEG bytes: `data` itself when it already is one and no resize is
+  asked, else decoded, converted and re-encoded.
+
+  Raises what PIL raises for an unreadable file or one over `opts.max_pixels`.
+  """
+  img = _load(data, opts)
+  if img.format == "JPEG" and img.mode == "RGB" and opts.size in (None, img.size[::-1]):
+    return data
   out = io.BytesIO()
-  img.save(out, "JPEG", quality=opts.quality)
+  _resized_rgb(img, opts).save(out, "JPEG", quality=opts.quality)
   return out.getvalue()
 
 
-def _to_raw(data: bytes, opts: JpegOptions) -> bytes:
-  """uint8 RGB pixels (height, width, 3) in C order, resized as _to_jpeg resizes."""
-  with _pixel_limit(opts.max_pixels):
-    img = Image.open(io.BytesIO(data))
-    if img.format == "JPEG":
-      h, w = opts.size
-      img.draft(None, (2 * w, 2 * h))
-    img.load()
-  img = _to_rgb(img)
-  if img.size != opts.size[::-1]:
-    img = img.resize(opts.size[::-1], Image.BICUBIC)
-  return np.asarray(img, np.uint8).tobytes()
+def to_raw(data: bytes, opts: JpegOptions) -> bytes:
+  """uint8 RGB pixels (height, width, 3) in C order at `opts.size`, resized as to_jpeg
+  resizes (--image_format=raw). Raises as to_jpeg does."""
+  if not opts.size:
+    raise ValueError("raw pixels need an image size")
+  return np.asarray(_resized_rgb(_load(data, opts), opts), np.uint8).tobytes()
+
+
+def to_stored(data: bytes, opts: JpegOptions) -> bytes:
+  """An image file's bytes -> what a dataset converted with `opts` stores for it.
+
+  The one way an image file becomes what the input pipeline decodes
+  (`pipeline.decode_stored`): the converter stores its output, and prediction passes
+  a file through it too (with the dataset's options, `dataset_options`), so that
+  16-bit, palette or transparent images reach the model exactly as the training
+  posters did.
+  """
+  return (to_raw if opts.raw else to_jpeg)(data, opts)
 
 
 def convert_image(candidates: Sequence[str], opts: JpegOptions) -> tuple[bytes | None, str, str]:
@@ -119,7 +157,7 @@ def convert_image(candidates: Sequence[str], opts: JpegOptions) -> tuple[bytes |
   if not data:
     return None, "empty_image", f"{path} is empty (0 bytes)"
   try:
-    return (_to_raw if opts.raw else _to_jpeg)(data, opts), "", ""
+    return to_stored(data, opts), "", ""
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
     return None, "decompression_bomb", f"{path}: {e}"
   except UnidentifiedImageError:
@@ -132,9 +170,10 @@ def _convert_chunk(opts: JpegOptions, chunk: list[Sequence[str]]) -> list[tuple]
   return [convert_image(c, opts) for c in chunk]
 
 
-def _ignore_sigint() -> None:
+def _init_worker() -> None:
   # Ctrl-C reaches the whole process group; the parent alone handles it.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  workers.exit_with_parent()
 
 
 def converted_images(tasks: Iterable[Sequence[str]], num_tasks: int, opts: JpegOptions,
@@ -153,7 +192,7 @@ def converted_images(tasks: Iterable[Sequence[str]], num_tasks: int, opts: JpegO
   chunks = iter(lambda: list(itertools.islice(tasks, _CHUNK)), [])
   num_workers = max(1, min(num_workers, math.ceil(num_tasks / _CHUNK)))
   pool = futures.ProcessPoolExecutor(num_workers, multiprocessing.get_context("spawn"),
-                                     initializer=_ignore_sigint)
+                                     initializer=_init_worker)
 
   def results(chunk, future):
     try:

@@ -46,7 +46,7 @@ import simplejpeg
 from absl import flags
 from PIL import Image
 
-from poster_cnn.data import records, tfrecord
+from poster_cnn.data import records, tfrecord, workers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,15 +114,40 @@ def decode_image(data: bytes, height: int, width: int, resize: str = "stretch") 
   return np.asarray(img, dtype=np.uint8)
 
 
-def carrier_size(meta: records.DatasetMetadata, opts: ImageOptions) -> tuple[int, int]:
-  """(height, width) at which the pipeline ships a dataset's posters to the device.
+def decode_stored(data, size: tuple[int, int], fmt: str = "jpeg", resize: str = "stretch",
+                  out: np.ndarray | None = None) -> np.ndarray:
+  """One image as a dataset stores it -> uint8 (H, W, 3) at `size`, the carrier size.
+
+  The host's one decode, for training, evaluation and prediction alike (prediction
+  passes a file through `images.to_stored` with the dataset's options first): a JPEG
+  at `size` is decoded by libjpeg-turbo straight into `out`, one of another size is
+  resized with PIL (`decode_image`), raw pixels ('raw') are copied. Written into
+  `out` when given. Raises ValueError for raw pixels of another size.
+  """
+  h, w = size
+  if out is None:
+    out = np.empty((h, w, 3), np.uint8)
+  if fmt == "raw":
+    pixels = np.frombuffer(data, np.uint8)
+    if pixels.size != h * w * 3:
+      raise ValueError(f"raw image of {pixels.size} bytes: the dataset's metadata says "
+                       f"{h}x{w}x3")
+    out[...] = pixels.reshape(h, w, 3)
+  elif _decode_jpeg(data, h, w, out=out) is None:
+    out[...] = decode_image(data, h, w, resize)
+  return out
+
+
+def carrier_size(stored_size: tuple[int, int] | None, opts: ImageOptions) -> tuple[int, int]:
+  """(height, width) at which the pipeline ships a dataset's posters to the device, from
+  the size they are stored at (`DatasetMetadata.image_size`, None if mixed).
 
   The size they were stored at when the converter gave them one (`--image_size`): the
   host then only decodes (or, stored raw, copies) and the device resizes
   (`poster_cnn.preprocess`). Else, posters of mixed sizes, the training size, resized
   on the host.
   """
-  return tuple(meta.image_size) if meta.image_size else (opts.height, opts.width)
+  return tuple(stored_size) if stored_size else (opts.height, opts.width)
 
 
 def image_format(meta: records.DatasetMetadata) -> str:
@@ -204,22 +229,15 @@ class DecodeBatch:
     self.size, self.fmt, self.resize = tuple(size), fmt, resize
 
   def decode(self, serialised: list[bytes], num_classes: int | None = None) -> dict:
-    h, w = self.size
-    images = np.empty((len(serialised), h, w, 3), np.uint8)
+    images = np.empty((len(serialised), *self.size, 3), np.uint8)
     labels = []
     for i, record in enumerate(serialised):
       image, label = image_and_labels(record)
       labels.append(label)
-      if self.fmt == "raw":
-        pixels = np.frombuffer(image, np.uint8)
-        if pixels.size != h * w * 3:
-          ex = records.decode_example(record)
-          raise ValueError(f"raw image of {pixels.size} bytes for poster {ex['id']!r}: "
-                           f"the dataset's metadata says {h}x{w}x3")
-        images[i] = pixels.reshape(h, w, 3)
-      elif _decode_jpeg(image, h, w, out=images[i]) is None:  # straight into the batch
-        # Looked up at call time, so tests can count decodes.
-        images[i] = decode_image(image, h, w, self.resize)
+      try:
+        decode_stored(image, self.size, self.fmt, self.resize, out=images[i])
+      except ValueError as e:
+        raise ValueError(f"poster {records.decode_example(record)['id']!r}: {e}") from None
     if labels:
       labels = np.stack(labels)
     else:
@@ -290,7 +308,8 @@ def _multiprocess(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   _release_shared_memory_at_exit()
-  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                        worker_init_fn=workers.exit_with_parent)
 
 
 def train_dataset(data_dir: str | os.PathLike, split: str, *, global_batch_size: int,
@@ -311,7 +330,7 @@ def train_dataset(data_dir: str | os.PathLike, split: str, *, global_batch_size:
         f"a per-process batch of {batch} on {process_count} process(es)")
   ds = grain.MapDataset.source(source).shuffle(seed=seed)
   ds = ds[:usable][process_index::process_count].repeat(None)
-  decode = DecodeBatch(carrier_size(meta, image), image_format(meta), image.resize)
+  decode = DecodeBatch(carrier_size(meta.image_size, image), image_format(meta), image.resize)
   ds = ds.batch(batch, drop_remainder=True, batch_fn=decode)
   return _multiprocess(ds.to_iter_dataset(_read_options(num_workers)), num_workers)
 
@@ -351,7 +370,7 @@ def eval_dataset(data_dir: str | os.PathLike, split: str, *, global_batch_size: 
   batch = local_batch_size(global_batch_size, process_count)
   per_process = -(-len(source) // process_count)
   num_batches = -(-per_process // batch)
-  decode = DecodeBatch(carrier_size(meta, image), image_format(meta), image.resize)
+  decode = DecodeBatch(carrier_size(meta.image_size, image), image_format(meta), image.resize)
   ds = grain.MapDataset.range(num_batches).map(
       _PaddedBatch(source, decode, batch, meta.num_classes, process_index, process_count))
   return _multiprocess(ds.to_iter_dataset(_read_options(num_workers)), num_workers)
