@@ -58,8 +58,8 @@ def _batches(paths: Iterable[str], size: int, opts: pipeline.ImageOptions,
              stored: image_files.JpegOptions, errors: list[dict]
              ) -> Iterator[tuple[list[str], np.ndarray]]:
   names, images = [], []
-  carrier = pipeline.carrier_size(stored.size, opts)
   fmt = "raw" if stored.raw else "jpeg"
+  carrier = pipeline.carrier_size(stored.size, opts, fmt)
   for path in paths:
     try:
       with open(path, "rb") as f:

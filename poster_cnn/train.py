@@ -417,7 +417,8 @@ def _tensorboard_posters(config, meta: records.DatasetMetadata, n: int = 8
     return None
   size = min(n, meta.splits[config.eval_split].num_examples)
   opts = image_options(config)
-  carrier = pipeline.carrier_size(meta.image_size, opts)
+  carrier = pipeline.carrier_size(meta.image_size, opts, pipeline.image_format(meta))
+  # read_examples gives raw pixels PNG-encoded: decoded at the carrier size all the same.
   stored = np.stack([pipeline.decode_stored(ex["image"], carrier, resize=opts.resize)
                      for ex in inference.read_examples(config.data_dir, config.eval_split,
                                                        range(size))])

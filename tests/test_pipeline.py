@@ -124,6 +124,23 @@ def test_pad_resize_keeps_aspect(tmp_path):
   assert out[:, 12:20].min() == 255
 
 
+def test_stored_jpegs_are_decoded_at_the_smallest_dct_scale_above_the_training_size(
+    monkeypatch):
+  # 268x182 posters for 96x96 training: libjpeg-turbo's 5/8 scale, no PIL resize.
+  import simplejpeg
+  opts = pipeline.ImageOptions(height=96, width=96)
+  assert pipeline.carrier_size((268, 182), opts) == (168, 114)
+  assert pipeline.carrier_size((268, 182), opts, "raw") == (268, 182)
+  assert pipeline.carrier_size((80, 80), opts) == (80, 80)  # never upscaled
+  assert pipeline.carrier_size(None, opts) == (96, 96)
+  poster = np.random.default_rng(0).integers(0, 256, (268, 182, 3), np.uint8)
+  data = simplejpeg.encode_jpeg(poster, quality=90)
+  monkeypatch.setattr(pipeline, "decode_image", None)  # the fast path only
+  got = pipeline.decode_stored(data, (168, 114))
+  np.testing.assert_array_equal(got, simplejpeg.decode_jpeg(data, "RGB", min_height=96,
+                                                             min_width=96))
+
+
 def test_too_small_split_is_a_clear_error(tiny_dataset):
   with pytest.raises(ValueError, match="too few"):
     pipeline.train_dataset(tiny_dataset, "validation", global_batch_size=64, image=OPTS, seed=0)

@@ -41,6 +41,7 @@ import io
 import os
 
 import grain
+import grain.multiprocessing
 import numpy as np
 import simplejpeg
 from absl import flags
@@ -138,16 +139,34 @@ def decode_stored(data, size: tuple[int, int], fmt: str = "jpeg", resize: str = 
   return out
 
 
-def carrier_size(stored_size: tuple[int, int] | None, opts: ImageOptions) -> tuple[int, int]:
+def carrier_size(stored_size: tuple[int, int] | None, opts: ImageOptions,
+                 fmt: str = "jpeg") -> tuple[int, int]:
   """(height, width) at which the pipeline ships a dataset's posters to the device, from
-  the size they are stored at (`DatasetMetadata.image_size`, None if mixed).
+  the size they are stored at (`DatasetMetadata.image_size`, None if mixed) and how
+  (`image_format`).
 
-  The size they were stored at when the converter gave them one (`--image_size`): the
-  host then only decodes (or, stored raw, copies) and the device resizes
-  (`poster_cnn.preprocess`). Else, posters of mixed sizes, the training size, resized
-  on the host.
+  Stored at one size by the converter (`--image_size`), the host only decodes (or,
+  stored raw, copies) and the device resizes (`poster_cnn.preprocess`): JPEGs at the
+  smallest DCT scale (n/8) still at least the training size in both dimensions, which
+  libjpeg-turbo decodes for a fraction of a full decode (268x182 posters at 5/8, 168x114,
+  for 96x96 training), raw pixels at their size. Posters of mixed sizes come at the
+  training size, resized on the host.
   """
-  return tuple(stored_size) if stored_size else (opts.height, opts.width)
+  if not stored_size:
+    return opts.height, opts.width
+  if fmt == "raw":
+    return tuple(stored_size)
+  return _dct_scaled_size(tuple(stored_size), (opts.height, opts.width))
+
+
+@functools.cache
+def _dct_scaled_size(stored: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+  """The size libjpeg-turbo decodes a `stored`-size JPEG at when asked for at least
+  `target` (as `_decode_jpeg` asks): `stored` itself when the target is not smaller."""
+  probe = simplejpeg.encode_jpeg(np.zeros((*stored, 3), np.uint8))
+  h, w, _, _ = simplejpeg.decode_jpeg_header(probe, min_height=target[0],
+                                             min_width=target[1])
+  return h, w
 
 
 def image_format(meta: records.DatasetMetadata) -> str:
@@ -221,15 +240,29 @@ class DecodeBatch:
 
   Batch-level, in whichever process grain runs it: one call per batch, images written
   straight into the batch's array. Deterministic: augmentation happens on the device.
+  With `shared_memory` (in input worker processes) that array is allocated in shared
+  memory, which grain hands to the training process as it is: no copy into shared
+  memory after decoding.
   """
 
-  def __init__(self, size: tuple[int, int], fmt: str, resize: str = "stretch"):
+  def __init__(self, size: tuple[int, int], fmt: str, resize: str = "stretch",
+               shared_memory: bool = False):
     if fmt not in ("jpeg", "raw"):
       raise ValueError(f"unknown image format {fmt!r} in the dataset's metadata")
     self.size, self.fmt, self.resize = tuple(size), fmt, resize
+    self.shared_memory = shared_memory
 
-  def decode(self, serialised: list[bytes], num_classes: int | None = None) -> dict:
-    images = np.empty((len(serialised), *self.size, 3), np.uint8)
+  def images(self, n: int) -> np.ndarray:
+    """An uninitialised uint8 (n, H, W, 3) batch array (in shared memory if asked)."""
+    shape = (n, *self.size, 3)
+    if self.shared_memory:
+      return grain.multiprocessing.SharedMemoryArray(shape, np.uint8)
+    return np.empty(shape, np.uint8)
+
+  def decode(self, serialised: list[bytes], num_classes: int | None = None,
+             images: np.ndarray | None = None) -> dict:
+    """Decodes into `images` (uint8 (len(serialised), H, W, 3)) when given."""
+    images = self.images(len(serialised)) if images is None else images
     labels = []
     for i, record in enumerate(serialised):
       image, label = image_and_labels(record)
@@ -264,11 +297,15 @@ def _read_options(num_workers: int) -> grain.ReadOptions:
   ahead (per process: the main one, or each worker).
 
   In the main process the threads are the parallelism (PIL and the copies release the
-  GIL); a worker process takes one core, so one thread there, and the scaling comes
-  from the number of workers. grain's default read-ahead, 500 elements, would here be
-  500 batches (2.4 GB at batch 32, 224x224).
+  GIL); grain's default read-ahead, 500 elements, would here be 500 batches (2.4 GB at
+  batch 32, 224x224). A worker process takes one core and reads no batch ahead itself:
+  grain's queue to the training process is its read-ahead, and a batch decoded into
+  shared memory (`DecodeBatch`) goes straight into it, where grain unlinks what is left
+  at exit; held in a read-ahead buffer of the worker it would outlive a stopped worker.
   """
-  threads = max(1, len(os.sched_getaffinity(0))) if num_workers <= 0 else 1
+  if num_workers > 0:
+    return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  threads = max(1, len(os.sched_getaffinity(0)))
   return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads + 1)
 
 
@@ -330,7 +367,9 @@ def train_dataset(data_dir: str | os.PathLike, split: str, *, global_batch_size:
         f"a per-process batch of {batch} on {process_count} process(es)")
   ds = grain.MapDataset.source(source).shuffle(seed=seed)
   ds = ds[:usable][process_index::process_count].repeat(None)
-  decode = DecodeBatch(carrier_size(meta.image_size, image), image_format(meta), image.resize)
+  fmt = image_format(meta)
+  decode = DecodeBatch(carrier_size(meta.image_size, image, fmt), fmt, image.resize,
+                       shared_memory=num_workers > 0)
   ds = ds.batch(batch, drop_remainder=True, batch_fn=decode)
   return _multiprocess(ds.to_iter_dataset(_read_options(num_workers)), num_workers)
 
@@ -348,11 +387,13 @@ class _PaddedBatch(grain.transforms.Map):
     positions = np.arange(int(b) * self.batch, (int(b) + 1) * self.batch)
     index = positions * self.process_count + self.process_index
     mask = index < len(self.source)
-    real = self.decode.decode([self.source[int(i)] for i in index[mask]], self.num_classes)
-    h, w = self.decode.size
-    image = np.zeros((self.batch, h, w, 3), np.uint8)
+    real = int(mask.sum())  # a prefix: padding only ever ends the last batch
+    image = self.decode.images(self.batch)
+    image[real:] = 0
+    decoded = self.decode.decode([self.source[int(i)] for i in index[:real]],
+                                 self.num_classes, images=image[:real])
     labels = np.zeros((self.batch, self.num_classes), np.uint8)
-    image[mask], labels[mask] = real["image"], real["labels"]
+    labels[:real] = decoded["labels"]
     return {"image": image, "labels": labels, "mask": mask,
             "index": np.where(mask, index, -1).astype(np.int64)}
 
@@ -370,7 +411,9 @@ def eval_dataset(data_dir: str | os.PathLike, split: str, *, global_batch_size: 
   batch = local_batch_size(global_batch_size, process_count)
   per_process = -(-len(source) // process_count)
   num_batches = -(-per_process // batch)
-  decode = DecodeBatch(carrier_size(meta.image_size, image), image_format(meta), image.resize)
+  fmt = image_format(meta)
+  decode = DecodeBatch(carrier_size(meta.image_size, image, fmt), fmt, image.resize,
+                       shared_memory=num_workers > 0)
   ds = grain.MapDataset.range(num_batches).map(
       _PaddedBatch(source, decode, batch, meta.num_classes, process_index, process_count))
   return _multiprocess(ds.to_iter_dataset(_read_options(num_workers)), num_workers)
