@@ -348,7 +348,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
         "checkpoint at step %d was saved by %s; this run has %d process(es): each "
         "process's input resumes %d batches into its stream. The examples ahead are those "
         "of an uninterrupted run only if the split's size is a multiple of both process "
-        "counts.", step, saved_by, jax.process_count(), step)
+        "counts, and augmentation draws differ.", step, saved_by, jax.process_count(), step)
   return state
 
 

@@ -26,9 +26,7 @@ from test_train import _cli, _final_params, REPO
 ARGS = ("--config.eval_every_steps=6", "--config.log_every_steps=1", "--config.num_workers=0",
         "--config.model.conv_dropout=(0.,0.,0.,0.)", "--config.model.dense_dropout=0.",
         "--config.optimizer.name=sgd", "--config.optimizer.learning_rate=0.002",
-        "--config.optimizer.momentum=0.",
-        # Drawn for the global batch, crops and flips do not depend on the topology.
-        "--config.image.random_crop=True", "--config.image.horizontal_flip=True")
+        "--config.optimizer.momentum=0.")
 
 
 def _env(devices: int) -> dict:

@@ -11,9 +11,10 @@ element of its stream is a batch, so positions count batches.)
 
 What this does not keep (checkpoint.py logs it on such a resume): which examples come
 next is exact only where the split's size is a multiple of both process counts
-(pipeline.train_dataset drops `len % process_count` examples per epoch).
-Augmentation is no concern: it runs on the device, keyed by the step and drawn for
-the global batch (poster_cnn/preprocess.py), so it does not depend on the topology.
+(pipeline.train_dataset drops `len % process_count` examples per epoch), and
+augmentation draws differ: they are keyed by the step and drawn per row of the global
+batch (poster_cnn/preprocess.py), and another process count puts the step's examples
+in other rows.
 """
 
 from __future__ import annotations
