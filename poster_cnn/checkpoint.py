@@ -366,7 +366,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
                                    f"{os.path.dirname(_iterator_file(step_dir))} cannot be "
                                    f"restored ({type(e).__name__}: {_first_line(e)})") from None
   elif data_iter is not None:
-    data_iter.set_state(iterator_state.state_after(data_iter.get_state(), step, batch_size))
+    data_iter.set_state(iterator_state.state_after(data_iter.get_state(), step))
     logging.warning(
         "checkpoint at step %d was saved by %s; this run has %d process(es): each "
         "process's input resumes %d batches into its stream. The examples ahead are those "

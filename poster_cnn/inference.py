@@ -17,11 +17,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from poster_cnn import model as model_lib
+from poster_cnn import preprocess
 from poster_cnn.data import pipeline
 
 DATA_AXIS = "data"
 
-# (variables, global batch {'image': uint8 (B, H, W, 3)}) -> float32 (B, K) probabilities.
+# (variables, global batch {'image': uint8 (B, H, W, 3)}) -> float32 (B, K) probabilities;
+# the images at the dataset's carrier size when the step was built with image options.
 EvalFn = Callable[[dict, dict], jax.Array]
 
 
@@ -72,17 +74,25 @@ def traced_under_mesh(fn, mesh: jax.sharding.Mesh):
   return wrapped
 
 
-def eval_step(apply_fn, variables: dict, batch: dict) -> jax.Array:
-  """Sigmoid probabilities float32 (B, K) of `batch['image']` in inference mode."""
-  return jax.nn.sigmoid(apply_fn(variables, batch["image"], train=False))
+def eval_step(apply_fn, variables: dict, batch: dict,
+              image: pipeline.ImageOptions | None = None) -> jax.Array:
+  """Sigmoid probabilities float32 (B, K) of `batch['image']` in inference mode.
+
+  `image`: resize the pipeline's uint8 batch on the device as training does, without
+  augmentation (`preprocess.prepare`); None: the batch is the model's input as it is.
+  """
+  images = batch["image"] if image is None else preprocess.prepare(batch["image"], image)
+  return jax.nn.sigmoid(apply_fn(variables, images, train=False))
 
 
-def jit_eval_step(apply_fn, mesh: jax.sharding.Mesh) -> EvalFn:
+def jit_eval_step(apply_fn, mesh: jax.sharding.Mesh,
+                  image: pipeline.ImageOptions | None = None) -> EvalFn:
   """`eval_step` jitted with replicated variables and the batch sharded along 'data'."""
   data = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
   replicated = jax.NamedSharding(mesh, jax.P())
-  return jax.jit(traced_under_mesh(functools.partial(eval_step, apply_fn), mesh),
-                 in_shardings=(replicated, data), out_shardings=data)
+  step = functools.partial(eval_step, apply_fn, image=image)
+  return jax.jit(traced_under_mesh(step, mesh), in_shardings=(replicated, data),
+                 out_shardings=data)
 
 
 # ---------------------------------------------------------------- restore
@@ -123,7 +133,7 @@ class Predictor:
       self.variables = restore_variables(manager, step, self.mesh)
     finally:
       manager.close()
-    self.eval_fn = jit_eval_step(self.model.apply, self.mesh)
+    self.eval_fn = jit_eval_step(self.model.apply, self.mesh, image_options(self.config))
 
   @property
   def checkpoint(self) -> dict:
@@ -136,7 +146,8 @@ class Predictor:
     return -(-size // devices) * devices
 
   def probabilities(self, images: np.ndarray, pad_to: int | None = None) -> np.ndarray:
-    """uint8 (n, H, W, 3) host images -> float32 (n, K).
+    """uint8 (n, H, W, 3) host images as the pipeline ships them (at the dataset's
+    carrier size, `pipeline.decode_stored`) -> float32 (n, K).
 
     Pads to `pad_to` (one compiled shape for every batch) or to a multiple of the devices.
     """
@@ -190,11 +201,24 @@ def read_examples(data_dir: str, split: str, indices) -> list[dict]:
   """Records `indices` of a split, decoded: {'image' (encoded bytes), 'id', 'title', 'labels'}.
 
   For the few posters logs and reports show; a whole split goes through `predict_dataset`.
+  Raw pixels (--image_format=raw) come back encoded as PNG, losslessly.
   """
   from poster_cnn.data import records, tfrecord
   meta = records.read_metadata(data_dir)
   source = tfrecord.TFRecordSource(records.split_files(data_dir, meta, split))
-  return [records.decode_example(source[int(i)]) for i in indices]
+  examples = [records.decode_example(source[int(i)]) for i in indices]
+  if pipeline.image_format(meta) == "raw":
+    for ex in examples:
+      ex["image"] = _png(pipeline.decode_stored(ex["image"], meta.image_size, "raw"))
+  return examples
+
+
+def _png(pixels: np.ndarray) -> bytes:
+  import io
+  from PIL import Image
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, "PNG")
+  return out.getvalue()
 
 
 def close(it) -> None:

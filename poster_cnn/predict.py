@@ -58,12 +58,15 @@ def _batches(paths: Iterable[str], size: int, opts: pipeline.ImageOptions,
              stored: image_files.JpegOptions, errors: list[dict]
              ) -> Iterator[tuple[list[str], np.ndarray]]:
   names, images = [], []
+  fmt = "raw" if stored.raw else "jpeg"
+  carrier = pipeline.carrier_size(stored.size, opts, fmt)
   for path in paths:
     try:
       with open(path, "rb") as f:
-        # As the converter stored the training posters, then as the pipeline decodes them.
-        data = image_files.to_jpeg(f.read(), stored)
-      images.append(pipeline.decode_image(data, opts.height, opts.width, opts.resize))
+        # As the converter stored the training posters, then as the pipeline decodes
+        # them; the eval step resizes them on the device (Predictor.eval_fn).
+        data = image_files.to_stored(f.read(), stored)
+      images.append(pipeline.decode_stored(data, carrier, fmt, opts.resize))
       names.append(path)
     except Exception as e:  # PIL raises many types for bad files
       errors.append({"path": path, "error": f"{type(e).__name__}: {e}"})

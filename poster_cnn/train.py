@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 
 from poster_cnn import checkpoint, inference, logs, losses, metrics, mixup, optimizer, options
 from poster_cnn import model as model_lib
-from poster_cnn import pretrained
+from poster_cnn import preprocess, pretrained
 from poster_cnn.data import pipeline, records
 from poster_cnn.inference import (DATA_AXIS, compute_dtype, create_mesh, global_batch,
                                   image_options)
@@ -123,14 +123,20 @@ def state_factory(config, num_classes: int, total_steps: int, mesh: jax.sharding
 
 def train_step(state: TrainState, batch: dict,
                loss_fn: losses.LossFn = losses.multilabel_loss,
-               mixup_alpha: float = 0.0) -> tuple[TrainState, dict]:
+               mixup_alpha: float = 0.0,
+               image: pipeline.ImageOptions | None = None) -> tuple[TrainState, dict]:
   """One optimizer step on a global batch; returns the new state and metrics.
 
   `loss_fn(logits, labels, mask)` -> scalar; the paper's binary cross-entropy by default.
   `mixup_alpha` > 0 blends the batch's examples first (poster_cnn/mixup.py).
+  `image`: resize and augment the pipeline's uint8 batch on the device first
+  (poster_cnn/preprocess.py); None: the batch is the model's input as it is.
   """
   dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images, labels, mask = batch["image"], batch["labels"], batch["mask"]
+  if image is not None:
+    # Its own stream of the step's key: dropout masks stay those of a run without it.
+    images = preprocess.prepare(images, image, jax.random.fold_in(dropout_rng, 2))
   if mixup_alpha:
     # Its own stream, so the dropout masks stay those of a run without mixup.
     images, labels, mask = mixup.mixup(jax.random.fold_in(dropout_rng, 1), images, labels,
@@ -152,21 +158,24 @@ def train_step(state: TrainState, batch: dict,
 
 
 def jit_steps(state: TrainState, mesh: jax.sharding.Mesh,
-              loss_fn: losses.LossFn = losses.multilabel_loss, mixup_alpha: float = 0.0):
+              loss_fn: losses.LossFn = losses.multilabel_loss, mixup_alpha: float = 0.0,
+              image: pipeline.ImageOptions | None = None):
   """The jitted train step and eval step, with shardings fixed so they compile once.
 
   Returns (train, evaluate): `train(state, batch) -> (state, metrics)`;
   `evaluate(variables, batch) -> probabilities` (`inference.jit_eval_step`), called
-  with `state.inference_variables()`.
+  with `state.inference_variables()`. `image` (`image_options(config)`) makes both take
+  the pipeline's batches as they come (uint8 at the dataset's carrier size) and
+  preprocess them on the device; without it they take model-sized images.
   """
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   data = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
   replicated = jax.NamedSharding(mesh, jax.P())
-  step = functools.partial(train_step, loss_fn=loss_fn, mixup_alpha=mixup_alpha)
+  step = functools.partial(train_step, loss_fn=loss_fn, mixup_alpha=mixup_alpha, image=image)
   train = jax.jit(inference.traced_under_mesh(step, mesh),
                   in_shardings=(state_sharding, data), out_shardings=(state_sharding, replicated),
                   donate_argnums=0)
-  return train, inference.jit_eval_step(state.apply_fn, mesh)
+  return train, inference.jit_eval_step(state.apply_fn, mesh, image)
 
 
 def evaluate_split(config, state: TrainState, eval_fn, mesh, data_dir: str, split: str,
@@ -308,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if is_chief:
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_info(config, meta, history_entry=history_entry)
-  train_fn, eval_fn = jit_steps(state, mesh, loss_fn, config.mixup_alpha)
+  train_fn, eval_fn = jit_steps(state, mesh, loss_fn, config.mixup_alpha, image_options(config))
 
   train_ds = pipeline.train_dataset(
       config.data_dir, config.train_split, global_batch_size=config.batch_size,
@@ -408,10 +417,14 @@ def _tensorboard_posters(config, meta: records.DatasetMetadata, n: int = 8
   if not config.eval_split:
     return None
   size = min(n, meta.splits[config.eval_split].num_examples)
-  img = config.image
-  return np.stack([pipeline.decode_image(ex["image"], img.height, img.width, img.resize)
-                   for ex in inference.read_examples(config.data_dir, config.eval_split,
-                                                     range(size))])
+  opts = image_options(config)
+  carrier = pipeline.carrier_size(meta.image_size, opts, pipeline.image_format(meta))
+  # read_examples gives raw pixels PNG-encoded: decoded at the carrier size all the same.
+  stored = np.stack([pipeline.decode_stored(ex["image"], carrier, resize=opts.resize)
+                     for ex in inference.read_examples(config.data_dir, config.eval_split,
+                                                       range(size))])
+  shown = preprocess.prepare(jnp.asarray(stored), opts)  # the eval step's resize
+  return np.asarray(jnp.clip(jnp.round(shown), 0, 255).astype(jnp.uint8))
 
 
 def _next_batch(it, step: int, config) -> dict:

@@ -1,6 +1,8 @@
 """One decoding path: the images --mode=predict feeds the model are exactly those the
 converter + training pipeline make of the same files (16-bit, palette with
-transparency, RGBA, CMYK, greyscale), and the converter's options are the dataset's."""
+transparency, RGBA, CMYK, greyscale), at the dataset's carrier size, in either stored
+layout, and the converter's options are the dataset's. (The eval step resizes both alike
+on the device: tests/test_preprocess.py.)"""
 
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ FILES = {"100001": ("png", _sixteen_bit()), "100002": ("png", _palette_with_tran
          "100005": ("jpg", _encoded("L", "JPEG")), "100006": ("jpg", _encoded("RGB", "JPEG"))}
 
 
-@pytest.fixture(scope="module", params=["none", "36x27"])
+@pytest.fixture(scope="module", params=["none", "48x36", "48x36 raw"])
 def converted(tmp_path_factory, request):
   d = tmp_path_factory.mktemp("decoding")
   (d / "posters").mkdir()
@@ -63,8 +65,9 @@ def converted(tmp_path_factory, request):
   csv_path = write_csv(d / "MovieGenre.csv", KAGGLE_HEADER,
                        [kaggle_row(i, "Drama") for i in FILES])
   out = d / "out"
+  size, *raw = request.param.split()
   conv.convert(csv_path, out, vocabulary="drama", splits="train:1", num_workers=0,
-               image_size=request.param, jpeg_quality=90)
+               image_size=size, jpeg_quality=90, image_format="raw" if raw else "jpeg")
   return d, out
 
 
@@ -80,10 +83,16 @@ def test_predict_sees_exactly_what_training_sees(converted):
   d, out = converted
   stored = images.dataset_options(out)
   assert stored.quality == 90
-  trained = {e["id"]: pipeline.decode_image(e["image"], OPTS.height, OPTS.width, OPTS.resize)
-             for e in read_split(out, "train")}
+  # What evaluation feeds the eval step: the pipeline's batches, in record order.
+  batch, = pipeline.eval_dataset(out, "train", global_batch_size=len(FILES), image=OPTS)
+  trained = {e["id"]: x for e, x in zip(read_split(out, "train"), batch["image"])}
   ids = sorted(FILES)
   inputs = _predict_inputs([str(d / "posters" / f"{i}.{FILES[i][0]}") for i in ids], stored)
+  # The carrier: the training size (mixed sizes, resized on the host), the smallest DCT
+  # scale of the stored JPEGs still >= 32x24 (6/8: decoded smaller, resized on the
+  # device), or the raw pixels' own size.
+  assert inputs.shape[1:3] == {None: (32, 24), False: (36, 27), True: (48, 36)}[
+      stored.size and stored.raw]
   for imdb_id, x in zip(ids, inputs):
     np.testing.assert_array_equal(x, trained[imdb_id], err_msg=imdb_id)
   sixteen, palette = inputs[ids.index("100001")], inputs[ids.index("100002")]

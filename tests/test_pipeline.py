@@ -100,14 +100,17 @@ def test_iterator_state_restores_exactly_in_a_fresh_iterator(tiny_dataset, num_w
       i.close()
 
 
-def test_augmentation_changes_images_but_not_shapes(tiny_dataset):
+def test_host_batches_do_not_depend_on_augmentation_options(tiny_dataset):
+  # Augmentation runs on the device (tests/test_preprocess.py): the host ships the same
+  # deterministic uint8 batches whatever it asks for.
   plain = _train_order(tiny_dataset, 0, 1, 2)
   opts = pipeline.ImageOptions(height=16, width=16, random_crop=True, horizontal_flip=True,
                                color_jitter=0.3)
   it = iter(pipeline.train_dataset(tiny_dataset, "train", global_batch_size=4, image=opts, seed=0))
-  aug = [next(it) for _ in range(2)]
-  assert aug[0]["image"].shape == plain[0]["image"].shape
-  assert any(not np.array_equal(a["image"], p["image"]) for a, p in zip(aug, plain))
+  for p in plain:
+    a = next(it)
+    np.testing.assert_array_equal(a["image"], p["image"])
+    np.testing.assert_array_equal(a["labels"], p["labels"])
 
 
 def test_pad_resize_keeps_aspect(tmp_path):
@@ -119,6 +122,23 @@ def test_pad_resize_keeps_aspect(tmp_path):
   assert out.shape == (32, 32, 3)
   assert out[:, :4].max() == 0 and out[:, -4:].max() == 0  # black side bars
   assert out[:, 12:20].min() == 255
+
+
+def test_stored_jpegs_are_decoded_at_the_smallest_dct_scale_above_the_training_size(
+    monkeypatch):
+  # 268x182 posters for 96x96 training: libjpeg-turbo's 5/8 scale, no PIL resize.
+  import simplejpeg
+  opts = pipeline.ImageOptions(height=96, width=96)
+  assert pipeline.carrier_size((268, 182), opts) == (168, 114)
+  assert pipeline.carrier_size((268, 182), opts, "raw") == (268, 182)
+  assert pipeline.carrier_size((80, 80), opts) == (80, 80)  # never upscaled
+  assert pipeline.carrier_size(None, opts) == (96, 96)
+  poster = np.random.default_rng(0).integers(0, 256, (268, 182, 3), np.uint8)
+  data = simplejpeg.encode_jpeg(poster, quality=90)
+  monkeypatch.setattr(pipeline, "decode_image", None)  # the fast path only
+  got = pipeline.decode_stored(data, (168, 114))
+  np.testing.assert_array_equal(got, simplejpeg.decode_jpeg(data, "RGB", min_height=96,
+                                                             min_width=96))
 
 
 def test_too_small_split_is_a_clear_error(tiny_dataset):
@@ -178,7 +198,7 @@ def test_read_ahead_is_a_few_batches_not_the_dataset(tiny_dataset, monkeypatch):
   import time
   decoded = 0
   lock = threading.Lock()
-  real = pipeline.decode_image
+  real = pipeline.decode_stored
 
   def counting(*args, **kwargs):
     nonlocal decoded
@@ -186,7 +206,7 @@ def test_read_ahead_is_a_few_batches_not_the_dataset(tiny_dataset, monkeypatch):
       decoded += 1
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(pipeline, "decode_image", counting)
+  monkeypatch.setattr(pipeline, "decode_stored", counting)
   it = iter(pipeline.train_dataset(tiny_dataset, "train", global_batch_size=4, image=OPTS,
                                    seed=0, num_workers=0))
   next(it)

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -227,8 +228,18 @@ def _final_params(workdir, step):
 
 
 def test_sigkill_then_restart_equals_an_uninterrupted_run(tiny_dataset, tmp_path):
+  # Bitwise, with the device preprocessing at its fullest: posters shipped at their
+  # stored size (24x16) and resized to 32x32 in the step, every augmentation on.
+  data = tmp_path / "stored_24x16"
+  shutil.copytree(tiny_dataset, data)
+  meta = json.loads((data / "metadata.json").read_text())
+  meta["image_size"] = [24, 16]  # the fixture's posters are all 16 wide, 24 high
+  (data / "metadata.json").write_text(json.dumps(meta))
+  tiny_dataset = data
   args = ("--config.num_train_steps=40", "--config.checkpoint_every_steps=4",
-          "--config.eval_every_steps=20", "--config.num_workers=0")
+          "--config.eval_every_steps=20", "--config.num_workers=0",
+          "--config.image.random_crop=True", "--config.image.horizontal_flip=True",
+          "--config.image.color_jitter=0.2")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   straight = tmp_path / "straight"
   subprocess.run(_cli(straight, tiny_dataset, *args), env=env, check=True, cwd=REPO,

@@ -445,7 +445,8 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
             splits: str | dict[str, float] = splits_lib.DEFAULT_SPLITS,
             split_file: str | os.PathLike | None = None,
             seed: int = 0, image_size: str | Sequence[int] | None = None,
-            jpeg_quality: int = 95, examples_per_shard: int = 1000,
+            jpeg_quality: int = 95, image_format: str = "jpeg",
+            examples_per_shard: int = 1000,
             num_workers: int | None = None, max_skipped_fraction: float = 0.05,
             max_image_pixels: int = images.DEFAULT_MAX_IMAGE_PIXELS,
             overwrite: bool = False) -> dict:
@@ -480,6 +481,9 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
   _check_arguments(unlabeled=unlabeled, jpeg_quality=jpeg_quality, num_workers=num_workers,
                    examples_per_shard=examples_per_shard, max_image_pixels=max_image_pixels,
                    max_skipped_fraction=max_skipped_fraction)
+  if image_format not in ("jpeg", "raw") or (image_format == "raw" and size is None):
+    raise ConversionError(f"--image_format={image_format}: expected jpeg, or raw with an "
+                          "--image_size (raw pixels need one size for every poster)")
   csv_path, output_dir = Path(csv_path), Path(output_dir)
   image_dir = Path(image_dir) if image_dir else next(
       (p for p in (csv_path.parent / n for n in IMAGE_DIR_NAMES) if p.is_dir()), csv_path.parent)
@@ -503,7 +507,8 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
                  num_workers)
     with _staging(output_dir) as tmp:
       infos = write_splits(tmp, rows, labels, plan, list(fractions), vocab, image_dir,
-                           images.JpegOptions(size, jpeg_quality, max_image_pixels),
+                           images.JpegOptions(size, jpeg_quality, max_image_pixels,
+                                              raw=image_format == "raw"),
                            num_workers, examples_per_shard, report)
       split_sizes = {name: info.num_examples for name, info in infos.items()}
       summary = report.summary(split_sizes)
@@ -512,7 +517,8 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
       result.update(status="ok", summary=summary, reasons=report.listing())
       records.write_metadata(tmp, records.DatasetMetadata(
           vocabulary=vocab, splits=infos, image_size=size,
-          extra={"conversion": {"source_csv": str(csv_path.resolve()),
+          extra={"image_format": image_format,
+                 "conversion": {"source_csv": str(csv_path.resolve()),
                                 "image_dir": str(image_dir.resolve()),
                                 "encoding": used_encoding, "layout": result["layout"],
                                 "arguments": arguments, "report": summary}}),
@@ -571,6 +577,10 @@ def _define_flags() -> dict:
       seed=number("seed", 0, "Seed of the split assignment and order."),
       image_size=text("image_size", "none", "HEIGHTxWIDTH to resize to, or none."),
       jpeg_quality=number("jpeg_quality", 95, "Quality of re-encoded JPEGs."),
+      image_format=flags.DEFINE_enum(
+          "image_format", "jpeg", ["jpeg", "raw"], "How images are stored: jpeg, or raw "
+          "uint8 pixels (needs --image_size; about 13x the disk of the Kaggle JPEGs at "
+          "224x224, no decoding at training time: docs/BENCHMARKS.md)."),
       examples_per_shard=number("examples_per_shard", 1000, "Examples per shard."),
       num_workers=number("num_workers", None, "Image worker processes; default: the CPUs "
                          "available; 0: convert in this process."),

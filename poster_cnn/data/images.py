@@ -1,5 +1,6 @@
-"""Poster files -> validated RGB JPEG bytes (a decompression-bomb limit, any PIL mode
-converted, an optional resize), streamed in order from a pool of worker processes."""
+"""Poster files -> validated RGB JPEG bytes or raw uint8 pixels (a decompression-bomb
+limit, any PIL mode converted, an optional resize), streamed in order from a pool of
+worker processes."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class JpegOptions:
   size: tuple[int, int] | None  # (height, width); None keeps each poster's size
   quality: int
   max_pixels: int
+  raw: bool = False  # uint8 pixels (height, width, 3) instead of JPEG; needs `size`
 
 
 def dataset_options(data_dir: str | os.PathLike | None) -> JpegOptions:
@@ -51,7 +53,8 @@ def dataset_options(data_dir: str | os.PathLike | None) -> JpegOptions:
     return JpegOptions(None, DEFAULT_JPEG_QUALITY, DEFAULT_MAX_IMAGE_PIXELS)
   args = meta.extra.get("conversion", {}).get("arguments", {})
   return JpegOptions(meta.image_size, int(args.get("jpeg_quality", DEFAULT_JPEG_QUALITY)),
-                     int(args.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)))
+                     int(args.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
+                     raw=meta.extra.get("image_format", "jpeg") == "raw")
 
 
 @contextlib.contextmanager
@@ -83,32 +86,58 @@ def _to_rgb(img: Image.Image) -> Image.Image:
   return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def to_jpeg(data: bytes, opts: JpegOptions) -> bytes:
-  """Validated RGB JPEG bytes: `data` itself when it already is one and no resize is
-  asked, else decoded, converted and re-encoded.
-
-  The one way an image file becomes what the model sees, before the pipeline's
-  decode_image: the converter stores its output, and prediction passes a file through
-  it too (with the dataset's options, `dataset_options`), so that 16-bit, palette or
-  transparent images reach the model exactly as the training posters did.
-  Raises what PIL raises for an unreadable file or one over `opts.max_pixels`.
-  """
+def _load(data: bytes, opts: JpegOptions) -> Image.Image:
+  """A fully decoded PIL image; JPEGs at the smallest DCT scale still >= 2x `opts.size`."""
   with _pixel_limit(opts.max_pixels):
     img = Image.open(io.BytesIO(data))  # checks the pixel count in the header
     if opts.size and img.format == "JPEG":
       h, w = opts.size
       img.draft(None, (2 * w, 2 * h))  # DCT-domain downscale, kept >= 2x the target
     img.load()  # a full decode: truncation and corruption surface here
+  return img
+
+
+def _resized_rgb(img: Image.Image, opts: JpegOptions) -> Image.Image:
   # EXIF orientation is left alone, as TensorFlow's and the pipeline's decoders do.
-  if img.format == "JPEG" and img.mode == "RGB" and opts.size in (None, img.size[::-1]):
-    return data
   img = _to_rgb(img)
   if opts.size and img.size != opts.size[::-1]:
     # BICUBIC in PIL widens its kernel when shrinking, so it averages like area resampling.
     img = img.resize(opts.size[::-1], Image.BICUBIC)
+  return img
+
+
+def to_jpeg(data: bytes, opts: JpegOptions) -> bytes:
+  """Validated RGB JPEG bytes: `data` itself when it already is one and no resize is
+  asked, else decoded, converted and re-encoded.
+
+  Raises what PIL raises for an unreadable file or one over `opts.max_pixels`.
+  """
+  img = _load(data, opts)
+  if img.format == "JPEG" and img.mode == "RGB" and opts.size in (None, img.size[::-1]):
+    return data
   out = io.BytesIO()
-  img.save(out, "JPEG", quality=opts.quality)
+  _resized_rgb(img, opts).save(out, "JPEG", quality=opts.quality)
   return out.getvalue()
+
+
+def to_raw(data: bytes, opts: JpegOptions) -> bytes:
+  """uint8 RGB pixels (height, width, 3) in C order at `opts.size`, resized as to_jpeg
+  resizes (--image_format=raw). Raises as to_jpeg does."""
+  if not opts.size:
+    raise ValueError("raw pixels need an image size")
+  return np.asarray(_resized_rgb(_load(data, opts), opts), np.uint8).tobytes()
+
+
+def to_stored(data: bytes, opts: JpegOptions) -> bytes:
+  """An image file's bytes -> what a dataset converted with `opts` stores for it.
+
+  The one way an image file becomes what the input pipeline decodes
+  (`pipeline.decode_stored`): the converter stores its output, and prediction passes
+  a file through it too (with the dataset's options, `dataset_options`), so that
+  16-bit, palette or transparent images reach the model exactly as the training
+  posters did.
+  """
+  return (to_raw if opts.raw else to_jpeg)(data, opts)
 
 
 def convert_image(candidates: Sequence[str], opts: JpegOptions) -> tuple[bytes | None, str, str]:
@@ -128,7 +157,7 @@ def convert_image(candidates: Sequence[str], opts: JpegOptions) -> tuple[bytes |
   if not data:
     return None, "empty_image", f"{path} is empty (0 bytes)"
   try:
-    return to_jpeg(data, opts), "", ""
+    return to_stored(data, opts), "", ""
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
     return None, "decompression_bomb", f"{path}: {e}"
   except UnidentifiedImageError:

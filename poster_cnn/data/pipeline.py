@@ -16,8 +16,16 @@ split (less `len % process_count` examples dropped per epoch in training, a
 different few each epoch, so that every process runs the same number of
 steps).
 
+Work per batch, not per example: the shuffled, sharded sequence of record indices
+is cut into batches before anything is read (`MapDataset.batch`), and one call
+(`DecodeBatch`) reads, parses and decodes a whole batch into one array, with no
+per-example grain machinery and no stacking copy. Augmentation and any resize
+beyond decoding happen on the device (`poster_cnn.preprocess`), so the host work
+is deterministic and the iterator state is still a position in the sequence.
+
 Batches are dicts of host-local numpy arrays:
-  image   uint8  (local_batch, height, width, 3)   normalised on device
+  image   uint8  (local_batch, H, W, 3)            at `carrier_size` (the stored
+                                                   size, else the training size)
   labels  uint8  (local_batch, num_classes)        multi-hot
   mask    bool   (local_batch,)                    False on eval padding
   index   int64  (local_batch,)                    record index, -1 on padding
@@ -33,7 +41,9 @@ import io
 import os
 
 import grain
+import grain.multiprocessing
 import numpy as np
+import simplejpeg
 from absl import flags
 from PIL import Image
 
@@ -49,7 +59,7 @@ class ImageOptions:
   # 'stretch' resizes to height x width ignoring aspect (the paper);
   # 'pad' keeps the poster's aspect and pads with black.
   resize: str = "stretch"
-  # Augmentation (training only).
+  # Augmentation (training only, on the device: poster_cnn/preprocess.py).
   random_crop: bool = False
   crop_min_area: float = 0.6
   horizontal_flip: bool = False
@@ -60,19 +70,39 @@ class ImageOptions:
       raise ValueError(f"resize must be 'stretch' or 'pad', not {self.resize!r}")
 
 
-def decode_image(data: bytes, height: int, width: int, resize: str = "stretch",
-                 crop_box: tuple[int, int, int, int] | None = None) -> np.ndarray:
-  """Encoded image -> uint8 (height, width, 3).
-
-  `crop_box` (left, upper, right, lower) in source pixels is applied first.
+def _decode_jpeg(data, height: int, width: int, out: np.ndarray | None = None):
+  """libjpeg-turbo through simplejpeg: RGB uint8 at the smallest DCT scale still at least
+  height x width, written into `out` when given (and the right size); None if `data` is
+  not a JPEG it decodes. The same pixels as PIL's decoder at scale 1 (both are
+  libjpeg-turbo's default), about 1.9x faster: no PIL image object and no copy out of it.
   """
-  img = Image.open(io.BytesIO(data))
+  if bytes(data[:2]) != b"\xff\xd8":
+    return None
+  try:
+    if out is not None:
+      h, w, _, _ = simplejpeg.decode_jpeg_header(data, min_height=height, min_width=width)
+      if (h, w) != out.shape[:2]:
+        return None
+      return simplejpeg.decode_jpeg(data, "RGB", min_height=height, min_width=width,
+                                    buffer=out)
+    return simplejpeg.decode_jpeg(data, "RGB", min_height=height, min_width=width)
+  except ValueError:  # CMYK, arithmetic coding, ...: PIL handles those
+    return None
+
+
+def decode_image(data: bytes, height: int, width: int, resize: str = "stretch") -> np.ndarray:
+  """Encoded image -> uint8 (height, width, 3), resized with PIL if it is another size."""
   # JPEG can decode at 1/2, 1/4, 1/8 scale for almost free when shrinking.
-  if crop_box is None:
+  pixels = _decode_jpeg(data, height, width)
+  if pixels is not None and pixels.shape[:2] == (height, width):
+    return pixels
+  if pixels is not None:
+    img = Image.fromarray(pixels)
+  else:
+    img = Image.open(io.BytesIO(data))
     img.draft("RGB", (width, height))
-  img = img.convert("RGB")
-  if crop_box is not None:
-    img = img.crop(crop_box)
+    if img.mode != "RGB":
+      img = img.convert("RGB")
   if resize == "pad":
     scale = min(width / img.width, height / img.height)
     w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
@@ -85,67 +115,174 @@ def decode_image(data: bytes, height: int, width: int, resize: str = "stretch",
   return np.asarray(img, dtype=np.uint8)
 
 
-def _random_crop_box(rng: np.random.Generator, size: tuple[int, int],
-                     min_area: float) -> tuple[int, int, int, int]:
-  """A random box covering [min_area, 1] of the image, aspect in [3/4, 4/3]."""
-  w, h = size
-  area = rng.uniform(min_area, 1.0) * w * h
-  aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-  cw = int(min(w, round(np.sqrt(area * aspect))))
-  ch = int(min(h, round(np.sqrt(area / aspect))))
-  x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-  return int(x), int(y), int(x + cw), int(y + ch)
+def decode_stored(data, size: tuple[int, int], fmt: str = "jpeg", resize: str = "stretch",
+                  out: np.ndarray | None = None) -> np.ndarray:
+  """One image as a dataset stores it -> uint8 (H, W, 3) at `size`, the carrier size.
+
+  The host's one decode, for training, evaluation and prediction alike (prediction
+  passes a file through `images.to_stored` with the dataset's options first): a JPEG
+  at `size` is decoded by libjpeg-turbo straight into `out`, one of another size is
+  resized with PIL (`decode_image`), raw pixels ('raw') are copied. Written into
+  `out` when given. Raises ValueError for raw pixels of another size.
+  """
+  h, w = size
+  if out is None:
+    out = np.empty((h, w, 3), np.uint8)
+  if fmt == "raw":
+    pixels = np.frombuffer(data, np.uint8)
+    if pixels.size != h * w * 3:
+      raise ValueError(f"raw image of {pixels.size} bytes: the dataset's metadata says "
+                       f"{h}x{w}x3")
+    out[...] = pixels.reshape(h, w, 3)
+  elif _decode_jpeg(data, h, w, out=out) is None:
+    out[...] = decode_image(data, h, w, resize)
+  return out
 
 
-def _jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
-  """Random brightness, contrast and saturation, each by up to +-strength."""
-  x = image.astype(np.float32)
-  b, c, s = rng.uniform(1 - strength, 1 + strength, size=3)
-  gray = x.mean(axis=-1, keepdims=True)
-  x = gray + (x - gray) * s
-  x = (x - x.mean()) * c + x.mean()
-  x = x * b
-  return np.clip(x, 0, 255).astype(np.uint8)
+def carrier_size(stored_size: tuple[int, int] | None, opts: ImageOptions,
+                 fmt: str = "jpeg") -> tuple[int, int]:
+  """(height, width) at which the pipeline ships a dataset's posters to the device, from
+  the size they are stored at (`DatasetMetadata.image_size`, None if mixed) and how
+  (`image_format`).
+
+  Stored at one size by the converter (`--image_size`), the host only decodes (or,
+  stored raw, copies) and the device resizes (`poster_cnn.preprocess`): JPEGs at the
+  smallest DCT scale (n/8) still at least the training size in both dimensions, which
+  libjpeg-turbo decodes for a fraction of a full decode (268x182 posters at 5/8, 168x114,
+  for 96x96 training), raw pixels at their size. Posters of mixed sizes come at the
+  training size, resized on the host.
+  """
+  if not stored_size:
+    return opts.height, opts.width
+  if fmt == "raw":
+    return tuple(stored_size)
+  return _dct_scaled_size(tuple(stored_size), (opts.height, opts.width))
 
 
-class ParseAndDecode(grain.transforms.Map):
-  """Serialised Example -> {'image', 'labels'}, deterministic (eval, no augmentation)."""
+@functools.cache
+def _dct_scaled_size(stored: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+  """The size libjpeg-turbo decodes a `stored`-size JPEG at when asked for at least
+  `target` (as `_decode_jpeg` asks): `stored` itself when the target is not smaller."""
+  probe = simplejpeg.encode_jpeg(np.zeros((*stored, 3), np.uint8))
+  h, w, _, _ = simplejpeg.decode_jpeg_header(probe, min_height=target[0],
+                                             min_width=target[1])
+  return h, w
 
-  def __init__(self, opts: ImageOptions):
-    self.opts = opts
 
-  def map(self, record: bytes) -> dict:
+def image_format(meta: records.DatasetMetadata) -> str:
+  """'jpeg' or 'raw' (uint8 pixels at the stored size): how the Examples hold images."""
+  return meta.extra.get("image_format", "jpeg")
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+  result = shift = 0
+  while True:
+    b = buf[pos]
+    pos += 1
+    result |= (b & 0x7F) << shift
+    if b < 0x80:
+      return result, pos
+    shift += 7
+
+
+def _fields(buf: memoryview, start: int, end: int):
+  """(field number, start, end) of each length-delimited field of buf[start:end]."""
+  pos = start
+  while pos < end:
+    key, pos = _varint(buf, pos)
+    if key & 7 != 2:
+      raise ValueError("not a length-delimited field")
+    n, pos = _varint(buf, pos)
+    if pos + n > end:
+      raise ValueError("field runs past its message")
+    yield key >> 3, pos, pos + n
+    pos += n
+
+
+def image_and_labels(record: bytes) -> tuple[memoryview | bytes, np.ndarray]:
+  """A serialised Example's image bytes (a view into `record`, not a copy) and its
+  labels, uint8 (num_genres,).
+
+  Walks the protobuf wire format of tf.train.Example (features -> feature map ->
+  bytes_list / packed int64_list) instead of parsing every field into Python objects:
+  for raw-pixel datasets the parse's copy of each 150 KB image was as costly as reading
+  it. Anything it does not expect (labels beyond 0/1, unpacked lists, a foreign
+  writer's layout) goes through the full parser, `records.decode_example`.
+  """
+  buf = memoryview(record)
+  image = labels = None
+  try:
+    for _, s, e in _fields(buf, 0, len(buf)):  # Example.features
+      for _, s2, e2 in _fields(buf, s, e):  # Features.feature: map entries
+        name = value = None
+        for f3, s3, e3 in _fields(buf, s2, e2):
+          if f3 == 1:
+            name = buf[s3:e3].tobytes()
+          else:
+            value = (s3, e3)
+        if name in (b"image", b"labels") and value is not None:
+          (kind, s4, e4), = _fields(buf, *value)  # Feature: bytes_list 1, int64_list 3
+          (_, s5, e5), = _fields(buf, s4, e4)  # the list's one value / packed values
+          if name == b"image" and kind == 1:
+            image = buf[s5:e5]
+          elif name == b"labels" and kind == 3:
+            labels = np.frombuffer(buf[s5:e5], np.uint8)  # 0/1 varints are single bytes
+  except ValueError:
+    image = None
+  if image is None or labels is None or (labels.size and labels.max() > 1):
     ex = records.decode_example(record)
-    image = decode_image(ex["image"], self.opts.height, self.opts.width, self.opts.resize)
-    return {"image": image, "labels": ex["labels"]}
+    return ex["image"], ex["labels"]
+  return image, labels
 
 
-class ParseDecodeAugment(grain.transforms.RandomMap):
-  """Serialised Example -> {'image', 'labels'} with training augmentation."""
+class DecodeBatch:
+  """Serialised Examples -> one batch {'image' uint8 (n, H, W, 3), 'labels' uint8 (n, K)}.
 
-  def __init__(self, opts: ImageOptions):
-    self.opts = opts
+  Batch-level, in whichever process grain runs it: one call per batch, images written
+  straight into the batch's array. Deterministic: augmentation happens on the device.
+  With `shared_memory` (in input worker processes) that array is allocated in shared
+  memory, which grain hands to the training process as it is: no copy into shared
+  memory after decoding.
+  """
 
-  def random_map(self, record: bytes, rng: np.random.Generator) -> dict:
-    o = self.opts
-    ex = records.decode_example(record)
-    box = None
-    if o.random_crop:
-      with Image.open(io.BytesIO(ex["image"])) as probe:
-        box = _random_crop_box(rng, probe.size, o.crop_min_area)
-    image = decode_image(ex["image"], o.height, o.width, o.resize, crop_box=box)
-    if o.horizontal_flip and rng.random() < 0.5:
-      image = image[:, ::-1]
-    if o.color_jitter > 0:
-      image = _jitter(image, rng, o.color_jitter)
-    return {"image": np.ascontiguousarray(image), "labels": ex["labels"]}
+  def __init__(self, size: tuple[int, int], fmt: str, resize: str = "stretch",
+               shared_memory: bool = False):
+    if fmt not in ("jpeg", "raw"):
+      raise ValueError(f"unknown image format {fmt!r} in the dataset's metadata")
+    self.size, self.fmt, self.resize = tuple(size), fmt, resize
+    self.shared_memory = shared_memory
 
+  def images(self, n: int) -> np.ndarray:
+    """An uninitialised uint8 (n, H, W, 3) batch array (in shared memory if asked)."""
+    shape = (n, *self.size, 3)
+    if self.shared_memory:
+      return grain.multiprocessing.SharedMemoryArray(shape, np.uint8)
+    return np.empty(shape, np.uint8)
 
-def _add_train_fields(batch: dict) -> dict:
-  n = len(batch["labels"])
-  batch["mask"] = np.ones((n,), dtype=bool)
-  batch["index"] = np.full((n,), -1, dtype=np.int64)
-  return batch
+  def decode(self, serialised: list[bytes], num_classes: int | None = None,
+             images: np.ndarray | None = None) -> dict:
+    """Decodes into `images` (uint8 (len(serialised), H, W, 3)) when given."""
+    images = self.images(len(serialised)) if images is None else images
+    labels = []
+    for i, record in enumerate(serialised):
+      image, label = image_and_labels(record)
+      labels.append(label)
+      try:
+        decode_stored(image, self.size, self.fmt, self.resize, out=images[i])
+      except ValueError as e:
+        raise ValueError(f"poster {records.decode_example(record)['id']!r}: {e}") from None
+    if labels:
+      labels = np.stack(labels)
+    else:
+      labels = np.zeros((0, num_classes or 0), np.uint8)
+    return {"image": images, "labels": labels}
+
+  def __call__(self, serialised: list[bytes]) -> dict:
+    batch = self.decode(serialised)
+    n = len(serialised)
+    batch["mask"] = np.ones((n,), dtype=bool)
+    batch["index"] = np.full((n,), -1, dtype=np.int64)
+    return batch
 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -155,14 +292,21 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
-def _read_options(batch: int) -> grain.ReadOptions:
-  """Decoding threads and a read-ahead of two batches of decoded examples.
+def _read_options(num_workers: int) -> grain.ReadOptions:
+  """Threads decoding whole batches, each thread one batch, and as many batches read
+  ahead (per process: the main one, or each worker).
 
-  The read-ahead is per process (the main one, or each worker): grain's default,
-  500 elements, would hold 500 decoded posters (75 MB at 224x224) or, placed
-  after batching, 500 batches (2.4 GB at batch 32).
+  In the main process the threads are the parallelism (PIL and the copies release the
+  GIL); grain's default read-ahead, 500 elements, would here be 500 batches (2.4 GB at
+  batch 32, 224x224). A worker process takes one core and reads no batch ahead itself:
+  grain's queue to the training process is its read-ahead, and a batch decoded into
+  shared memory (`DecodeBatch`) goes straight into it, where grain unlinks what is left
+  at exit; held in a read-ahead buffer of the worker it would outlive a stopped worker.
   """
-  return grain.ReadOptions(num_threads=16, prefetch_buffer_size=2 * batch)
+  if num_workers > 0:
+    return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  threads = max(1, len(os.sched_getaffinity(0)))
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads + 1)
 
 
 @functools.cache
@@ -223,32 +367,35 @@ def train_dataset(data_dir: str | os.PathLike, split: str, *, global_batch_size:
         f"a per-process batch of {batch} on {process_count} process(es)")
   ds = grain.MapDataset.source(source).shuffle(seed=seed)
   ds = ds[:usable][process_index::process_count].repeat(None)
-  augment = image.random_crop or image.horizontal_flip or image.color_jitter > 0
-  if augment:
-    ds = ds.random_map(ParseDecodeAugment(image), seed=seed + 1)
-  else:
-    ds = ds.map(ParseAndDecode(image))
-  ds = ds.to_iter_dataset(_read_options(batch)).batch(batch, drop_remainder=True)
-  return _multiprocess(ds.map(_add_train_fields), num_workers)
+  fmt = image_format(meta)
+  decode = DecodeBatch(carrier_size(meta.image_size, image, fmt), fmt, image.resize,
+                       shared_memory=num_workers > 0)
+  ds = ds.batch(batch, drop_remainder=True, batch_fn=decode)
+  return _multiprocess(ds.to_iter_dataset(_read_options(num_workers)), num_workers)
 
 
-class _PaddedLookup(grain.transforms.Map):
-  """Position i of this process's padded shard -> example with mask and index."""
+class _PaddedBatch(grain.transforms.Map):
+  """Batch b of this process's padded shard -> its examples, with mask and index."""
 
-  def __init__(self, source: tfrecord.TFRecordSource, opts: ImageOptions,
+  def __init__(self, source: tfrecord.TFRecordSource, decode: DecodeBatch, batch: int,
                num_classes: int, process_index: int, process_count: int):
-    self.source, self.decode = source, ParseAndDecode(opts)
-    self.opts, self.num_classes = opts, num_classes
+    self.source, self.decode, self.batch = source, decode, batch
+    self.num_classes = num_classes
     self.process_index, self.process_count = process_index, process_count
 
-  def map(self, i: int) -> dict:
-    index = int(i) * self.process_count + self.process_index
-    if index < len(self.source):
-      ex = self.decode.map(self.source[index])
-      return {**ex, "mask": np.bool_(True), "index": np.int64(index)}
-    return {"image": np.zeros((self.opts.height, self.opts.width, 3), np.uint8),
-            "labels": np.zeros((self.num_classes,), np.uint8),
-            "mask": np.bool_(False), "index": np.int64(-1)}
+  def map(self, b: int) -> dict:
+    positions = np.arange(int(b) * self.batch, (int(b) + 1) * self.batch)
+    index = positions * self.process_count + self.process_index
+    mask = index < len(self.source)
+    real = int(mask.sum())  # a prefix: padding only ever ends the last batch
+    image = self.decode.images(self.batch)
+    image[real:] = 0
+    decoded = self.decode.decode([self.source[int(i)] for i in index[:real]],
+                                 self.num_classes, images=image[:real])
+    labels = np.zeros((self.batch, self.num_classes), np.uint8)
+    labels[:real] = decoded["labels"]
+    return {"image": image, "labels": labels, "mask": mask,
+            "index": np.where(mask, index, -1).astype(np.int64)}
 
 
 def eval_dataset(data_dir: str | os.PathLike, split: str, *, global_batch_size: int,
@@ -264,10 +411,12 @@ def eval_dataset(data_dir: str | os.PathLike, split: str, *, global_batch_size: 
   batch = local_batch_size(global_batch_size, process_count)
   per_process = -(-len(source) // process_count)
   num_batches = -(-per_process // batch)
-  ds = grain.MapDataset.range(num_batches * batch).map(
-      _PaddedLookup(source, image, meta.num_classes, process_index, process_count))
-  ds = ds.to_iter_dataset(_read_options(batch)).batch(batch)
-  return _multiprocess(ds, num_workers)
+  fmt = image_format(meta)
+  decode = DecodeBatch(carrier_size(meta.image_size, image, fmt), fmt, image.resize,
+                       shared_memory=num_workers > 0)
+  ds = grain.MapDataset.range(num_batches).map(
+      _PaddedBatch(source, decode, batch, meta.num_classes, process_index, process_count))
+  return _multiprocess(ds.to_iter_dataset(_read_options(num_workers)), num_workers)
 
 
 def eval_num_batches(data_dir: str | os.PathLike, split: str, *,

@@ -12,7 +12,8 @@ and `tf.data.TFRecordDataset` reads every shard. Here, without TensorFlow, we
 serialise and parse `tf.train.Example` with the protos TFDS vendors.
 
 Each Example holds:
-  image   bytes   encoded JPEG (RGB)
+  image   bytes   encoded JPEG (RGB), or uint8 pixels (H, W, 3) where metadata.json
+                  says "image_format": "raw"
   id      bytes   the poster's id (imdbId for the Kaggle set)
   title   bytes   the movie title, may be empty
   labels  int64   (num_genres,) multi-hot over the vocabulary
@@ -120,12 +121,17 @@ class DatasetMetadata:
     return len(self.vocabulary)
 
 
-def _features_dict(vocabulary: Sequence[str], image_size: tuple[int, int] | None):
+def _features_dict(vocabulary: Sequence[str], image_size: tuple[int, int] | None,
+                   image_format: str = "jpeg"):
   # Imported lazily: tfds' feature classes are only needed when writing.
   import tensorflow_datasets as tfds
   h, w = image_size if image_size else (None, None)
+  if image_format == "raw":  # uint8 pixels, as the converter's --image_format=raw writes
+    image = tfds.features.Tensor(shape=(h, w, 3), dtype=np.uint8, encoding="bytes")
+  else:
+    image = tfds.features.Image(shape=(h, w, 3), encoding_format="jpeg")
   return tfds.features.FeaturesDict({
-      "image": tfds.features.Image(shape=(h, w, 3), encoding_format="jpeg"),
+      "image": image,
       "id": tfds.features.Text(),
       "title": tfds.features.Text(),
       "labels": tfds.features.Tensor(shape=(len(vocabulary),), dtype=np.int64),
@@ -137,7 +143,8 @@ def write_metadata(directory: str | os.PathLike, meta: DatasetMetadata,
                    description: str = "") -> None:
   """Writes dataset_info.json, features.json and metadata.json into `directory`."""
   directory = storage.path(directory)
-  features = _features_dict(meta.vocabulary, meta.image_size)
+  features = _features_dict(meta.vocabulary, meta.image_size,
+                            meta.extra.get("image_format", "jpeg"))
   info = info_pb2.DatasetInfo(
       name=DATASET_NAME, version=VERSION, file_format=FILE_FORMAT,
       description=description or "Movie posters with multi-hot genre labels.",
