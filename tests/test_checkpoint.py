@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import shutil
 
 import jax
@@ -82,7 +83,10 @@ def _swap_state_for_step_1s(step_dir):
 def _damage_iterator(step_dir):
   path, = glob.glob(os.path.join(step_dir, "data_iter", "process_*.json"))
   text = open(path).read()
-  open(path, "w").write(text.replace("1", "2", 1))
+  # Another position, as valid JSON: the first digit plus one (e.g. next_index 2 -> 3).
+  damaged = re.sub(r"\d", lambda m: str((int(m.group()) + 1) % 10), text, count=1)
+  assert damaged != text, text
+  open(path, "w").write(damaged)
 
 
 def _truncate_array_data(step_dir):
