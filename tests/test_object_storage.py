@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from poster_cnn import checkpoint, evaluate, logs, predict, run_dir, storage, train
+from poster_cnn import evaluate, logs, predict, run_dir, storage, train
+from test_train import _cli, _final_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MISSING = [p for p in ("gcsfs", "s3fs", "moto", "gcp_storage_emulator")
@@ -162,22 +163,6 @@ def test_the_converter_publishes_to_gs_and_refuses_to_replace(emulators, tmp_pat
     convert.convert(csv_path, out, vocabulary="min_count:1", num_workers=0)
 
 
-def _cli(workdir, data_dir, *extra):
-  return [sys.executable, "-m", "poster_cnn.main", f"--config={REPO}/configs/tiny.py",
-          f"--config.data_dir={data_dir}", f"--workdir={workdir}", *extra]
-
-
-def _final_params(workdir, step):
-  import jax
-  manager = checkpoint.create_manager(workdir, read_only=True)
-  here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
-                        manager.item_metadata(step)["state"])
-  restored = manager.restore(step, args=checkpoint.ocp.args.Composite(
-      state=checkpoint.ocp.args.StandardRestore(target)))
-  return jax.tree.leaves(restored["state"]["params"])
-
-
 @pytest.fixture
 def compilation_cache(tmp_path):
   """A persistent XLA cache shared with the subprocesses: the three trainings compile once."""
@@ -225,8 +210,9 @@ def test_gs_workdir_trains_survives_sigkill_resumes_exactly_evaluates_and_predic
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "resumed from checkpoint at step" in done.stderr
-  for x, y in zip(_final_params(straight, steps), _final_params(killed, steps)):
-    np.testing.assert_array_equal(x, y)
+  for a, b in zip(_final_params(straight, steps), _final_params(killed, steps)):
+    for x, y in zip(a, b):  # params, then batch statistics
+      np.testing.assert_array_equal(x, y)
 
   # Evaluate (outputs into the gs:// workdir) and predict (output to gs://).
   summary = evaluate.evaluate_checkpoint(killed, step=steps, split="test")
