@@ -20,9 +20,6 @@ from configs import tiny
 from poster_cnn import checkpoint, train
 from poster_cnn.data import pipeline
 
-# The module fixture trains a run: one worker runs this file, so it trains once
-# (tests.sh distributes with --dist=loadgroup).
-pytestmark = pytest.mark.xdist_group("test_checkpoint")
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,6 @@ from poster_cnn import evaluate, logs, run_dir, train
 from poster_cnn.data import records
 from poster_cnn.run_dir import RunDir
 
-# The module fixture trains a run: one worker runs this file, so it trains once
-# (tests.sh distributes with --dist=loadgroup).
-pytestmark = pytest.mark.xdist_group("test_evaluate_anywhere")
 
 STEP = 6
 

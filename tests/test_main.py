@@ -12,9 +12,6 @@ from PIL import Image
 
 from poster_cnn.run_dir import RunDir
 
-# The module fixture trains a run: one worker runs this file, so it trains once
-# (tests.sh distributes with --dist=loadgroup).
-pytestmark = pytest.mark.xdist_group("test_main")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -24,10 +24,8 @@ from test_train import _cli, _final_params
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MISSING = [p for p in ("gcsfs", "s3fs", "moto", "gcp_storage_emulator")
             if importlib.util.find_spec(p) is None]
-# One worker runs this file (tests.sh: --dist=loadgroup), so the emulators start once.
-pytestmark = [pytest.mark.skipif(bool(_MISSING), reason=f"needs {', '.join(_MISSING)} "
-                                 "(pip install -e '.[test]')"),
-              pytest.mark.xdist_group("test_object_storage")]
+pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f"needs {', '.join(_MISSING)} "
+                                "(pip install -e '.[test]')")
 BUCKET = "poster-cnn-test"
 
 

@@ -19,9 +19,6 @@ import pytest
 from configs import default
 from poster_cnn import efficientnet, model as model_lib, pretrained, torch_pickle
 
-# The module fixture trains a run: one worker runs this file, so it trains once
-# (tests.sh distributes with --dist=loadgroup).
-pytestmark = pytest.mark.xdist_group("test_pretrained")
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 

@@ -14,9 +14,6 @@ from PIL import Image
 from poster_cnn import evaluate, metrics, report
 from poster_cnn.run_dir import RunDir
 
-# The module fixture trains a run: one worker runs this file, so it trains once
-# (tests.sh distributes with --dist=loadgroup).
-pytestmark = pytest.mark.xdist_group("test_report")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = ["red", "green", "blue", "bright"]  # conftest's tiny_dataset
