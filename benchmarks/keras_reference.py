@@ -28,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from timing import median_step_seconds, median_step_times  # noqa: E402
+from timing import median_step_seconds, print_step_rate  # noqa: E402
 
 
 def paper_cnn(num_classes: int, image: int) -> keras.Model:
@@ -80,21 +80,17 @@ def main():
         model.train_on_batch(images, labels)  # returns the loss: a host sync
 
     run_steps(1)
-    ms, cpu_ms = (t * 1e3 for t in median_step_times(run_steps, args.repeats, args.steps))
     setting = (f"framework={version} device=cpu jit_compile={args.jit_compile} "
                f"intra_op={args.intra_op} inter_op={args.inter_op} batch={batch_size} "
                f"image={args.image}")
-    print(f"train {setting} step_ms={ms:.1f} cpu_ms={cpu_ms:.1f} "
-          f"img_per_s={batch_size / ms * 1e3:.1f}", flush=True)
+    print_step_rate("train", setting, run_steps, batch_size, args.repeats, args.steps)
     if args.eval:
       def run_eval(n):
         for _ in range(n):
           np.asarray(model.predict_on_batch(images))  # eval mode: running BatchNorm statistics
 
       run_eval(1)
-      ms, cpu_ms = (t * 1e3 for t in median_step_times(run_eval, args.repeats, args.steps))
-      print(f"eval {setting} step_ms={ms:.1f} cpu_ms={cpu_ms:.1f} "
-          f"img_per_s={batch_size / ms * 1e3:.1f}", flush=True)
+      print_step_rate("eval", setting, run_eval, batch_size, args.repeats, args.steps)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from timing import median_step_seconds, median_step_times  # benchmarks/timing.py
+from timing import median_step_seconds, print_step_rate  # benchmarks/timing.py
 
 
 def paper_cnn(num_classes: int, image: int) -> nn.Module:
@@ -122,12 +122,10 @@ def main():
         loss.item()  # a host sync, as the JAX benchmark's block_until_ready
 
     run_steps(1)
-    ms, cpu_ms = (t * 1e3 for t in median_step_times(run_steps, args.repeats, args.steps))
     setting = (f"framework=pytorch-{torch.__version__.split('+')[0]} device=cpu "
                f"threads={torch.get_num_threads()} channels_last={args.channels_last} "
                f"compile={args.compile} batch={batch_size} image={args.image}")
-    print(f"train {setting} step_ms={ms:.1f} cpu_ms={cpu_ms:.1f} "
-          f"img_per_s={batch_size / ms * 1e3:.1f}", flush=True)
+    print_step_rate("train", setting, run_steps, batch_size, args.repeats, args.steps)
     if args.eval:
       module.eval()
 
@@ -137,9 +135,7 @@ def main():
             model(images.float() / 255.0).numpy()
 
       run_eval(1)  # compiles the eval graph when --compile
-      ms, cpu_ms = (t * 1e3 for t in median_step_times(run_eval, args.repeats, args.steps))
-      print(f"eval {setting} step_ms={ms:.1f} cpu_ms={cpu_ms:.1f} "
-          f"img_per_s={batch_size / ms * 1e3:.1f}", flush=True)
+      print_step_rate("eval", setting, run_eval, batch_size, args.repeats, args.steps)
 
 
 if __name__ == "__main__":

@@ -29,3 +29,12 @@ def median_step_times(run_steps: Callable[[int], object], repeats: int,
     wall.append((time.perf_counter() - start) / steps)
     cpu.append((time.process_time() - start_cpu) / steps)
   return statistics.median(wall), statistics.median(cpu)
+
+
+def print_step_rate(kind: str, setting: str, run_steps: Callable[[int], object],
+                    batch_size: int, repeats: int, steps: int) -> None:
+  """Times `run_steps` with `median_step_times` and prints the reference scripts' line:
+  'KIND SETTING step_ms=... cpu_ms=... img_per_s=...' (what the comparisons parse)."""
+  wall, cpu = median_step_times(run_steps, repeats, steps)
+  print(f"{kind} {setting} step_ms={wall * 1e3:.1f} cpu_ms={cpu * 1e3:.1f} "
+        f"img_per_s={batch_size / wall:.1f}", flush=True)
