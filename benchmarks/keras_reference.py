@@ -28,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from timing import median_step_seconds, print_step_rate  # noqa: E402
+from timing import print_step_rate  # noqa: E402
 
 
 def paper_cnn(num_classes: int, image: int) -> keras.Model:
