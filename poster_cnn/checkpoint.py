@@ -10,11 +10,10 @@ Layout of `<workdir>/checkpoints/<step>/`:
 Saving both in one step directory is what makes a resumed run continue
 with exactly the batches an uninterrupted run would have seen.
 
-The workdir may be local or on gs:// (orbax writes arrays through tensorstore's
-gcs driver, metadata through etils.epath). Not on s3://: orbax 0.12 builds its
-tensorstore specs for the local file driver unless a path starts with gs://, and
-normalises 's3://b/x' to 's3:/b/x', so `checkpoint_dir` refuses s3:// before
-anything is written.
+The workdir may be local, on gs:// (orbax writes arrays through tensorstore's gcs
+driver, metadata through etils.epath) or on s3:// (tensorstore's s3 driver, which orbax
+0.12 does not reach by itself: `orbax_s3` teaches it; steps are committed with a
+commit_success.txt file there, as orbax does on GCS, since S3 cannot rename).
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from poster_cnn import storage
+from poster_cnn import orbax_s3, storage
 from poster_cnn.data import iterator_state
 
 BEST_METRIC = "macro_map"
@@ -50,16 +49,19 @@ def _best_fn(metrics: dict) -> float:
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
-  """WORKDIR/checkpoints as orbax wants it (absolute, or a gs:// URL).
+  """WORKDIR/checkpoints as orbax wants it (absolute, or a gs:// or s3:// URL).
 
-  Raises storage.StorageError for an s3:// workdir (see the module docstring) or a
-  remote one whose package is missing.
+  Raises storage.StorageError for a remote workdir whose package is missing, or an
+  s3:// one this orbax cannot be taught (see `orbax_s3`), before anything is written.
   """
   workdir = storage.path(workdir)
   if storage.scheme(workdir) == "s3":
-    raise storage.StorageError(
-        f"{os.fspath(workdir)}: checkpoints cannot be written to s3:// (orbax 0.12 saves "
-        "arrays to local disks and gs:// only); use a gs:// or local --workdir")
+    problem = orbax_s3.missing()
+    if problem:
+      raise storage.StorageError(
+          f"{os.fspath(workdir)}: checkpoints cannot be written to s3:// here: {problem}; "
+          "use a gs:// or local --workdir")
+    orbax_s3.install()
   return os.fspath(workdir / "checkpoints")
 
 
@@ -86,7 +88,11 @@ def create_manager(workdir: str | os.PathLike, *, keep: int = 3,
   options = ocp.CheckpointManagerOptions(
       best_fn=_best_fn, best_mode="max", preservation_policy=policy,
       enable_async_checkpointing=not read_only, read_only=read_only,
-      create=not read_only, save_interval_steps=0 if read_only else 1)
+      create=not read_only, save_interval_steps=0 if read_only else 1,
+      # orbax picks commit_success.txt for gs:// itself; S3 has no rename either.
+      atomicity_options=(ocp.options.AtomicityOptions(
+          mode=ocp.options.AtomicityMode.COMMIT_FILE)
+          if storage.scheme(workdir) == "s3" else None))
   return ocp.CheckpointManager(
       checkpoint_dir(workdir), options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),

@@ -95,6 +95,16 @@ def emulators(tiny_dataset, tmp_path_factory):
       proc.wait(timeout=30)
 
 
+def _a_poster(dataset, folder) -> str:
+  """The first test-split poster of `dataset`, written to a JPEG file in `folder`."""
+  from poster_cnn.data import records, tfrecord
+  meta = records.read_metadata(dataset)
+  source = tfrecord.TFRecordSource(records.split_files(dataset, meta, "test"))
+  poster = folder / "poster.jpg"
+  poster.write_bytes(records.decode_example(source[0])["image"])
+  return str(poster)
+
+
 def test_a_missing_package_is_one_line_naming_the_extra(monkeypatch):
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec",
@@ -107,8 +117,7 @@ def test_a_missing_package_is_one_line_naming_the_extra(monkeypatch):
     storage.path("az://container/run")
 
 
-def test_s3_holds_run_files_but_refuses_checkpoints_before_writing(emulators, tiny_dataset,
-                                                                   monkeypatch):
+def test_s3_holds_run_files(emulators, tiny_dataset, monkeypatch):
   fs = storage.filesystem(emulators["s3"])
   # Records: one ranged GET each, the same bytes as on local disk.
   from poster_cnn.data import records, tfrecord
@@ -139,12 +148,64 @@ def test_s3_holds_run_files_but_refuses_checkpoints_before_writing(emulators, ti
   summary, back = run_dir.read_evaluation(stem)
   assert summary == {"step": 3} and np.array_equal(back["scores"], preds["scores"])
 
+
+def test_orbax_s3_points_only_s3_paths_at_the_s3_driver(monkeypatch):
+  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+  from poster_cnn import orbax_s3
+  monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+  monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
+  monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+  others = ("/tmp/run/checkpoints/7/state", "gs://a-bucket/run/checkpoints/7/state")
+  before = {p: ts_utils.build_kvstore_tspec(p, name="x") for p in others}
+  orbax_s3.install()
+  orbax_s3.install()  # idempotent: wrapped once
+  assert {p: ts_utils.build_kvstore_tspec(p, name="x") for p in others} == before
+  expected = {"driver": "s3", "bucket": "a-bucket", "path": "run/checkpoints/7/state",
+              "endpoint": "http://127.0.0.1:9", "aws_region": "eu-west-3",
+              "aws_credentials": {"type": "environment"}}
+  url = "s3://a-bucket/run//checkpoints/7/state/"
+  assert ts_utils.build_kvstore_tspec(url, name="x")["base"] == expected
+  assert ts_utils.build_kvstore_tspec(url, name="x", use_ocdbt=False) == {
+      **expected, "path": "run/checkpoints/7/state/x"}
+
+
+def test_s3_checkpoints_resume_exactly_and_evaluate(emulators, tiny_dataset, tmp_path):
+  c = tiny.get_config()
+  c.data_dir, c.num_train_steps, c.checkpoint_every_steps = emulators["s3"], 8, 4
+  c.eval_every_steps = 8
+  workdir = f"s3://{BUCKET}/ckpt"
+  train.train_and_evaluate(c, workdir)
+  fs = storage.filesystem(workdir)
+  # Written in place and committed with commit_success.txt; no local './s3:' folder.
+  assert fs.exists(f"{workdir}/checkpoints/8/commit_success.txt")
+  assert not os.path.exists("s3:") and not os.path.exists(os.path.join(REPO, "s3:"))
+  uninterrupted = _final_params(workdir, 8)
+  # The last save lost: the run resumes from step 4 and ends where it ended before.
+  fs.rm(f"{workdir}/checkpoints/8", recursive=True)
+  fs.invalidate_cache()
+  train.train_and_evaluate(c, workdir)
+  for a, b in zip(uninterrupted, _final_params(workdir, 8)):
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(x, y)
+  summary = evaluate.evaluate_checkpoint(workdir, step=8, split="test")
+  assert summary["num_examples"] == 24
+  poster = _a_poster(tiny_dataset, tmp_path)
+  predictions, errors = predict.predict_files(workdir, [poster], step=8)
+  assert not errors and len(predictions) == 1
+
+
+def test_s3_checkpoints_are_refused_before_writing_when_orbax_cannot_be_taught(
+    emulators, monkeypatch):
+  from poster_cnn import orbax_s3
+  monkeypatch.setattr(orbax_s3, "missing", lambda: "this orbax-checkpoint has no X")
   c = tiny.get_config()
   c.data_dir = emulators["s3"]
-  with pytest.raises(storage.StorageError, match="checkpoints cannot be written to s3://"):
-    train.train_and_evaluate(c, f"s3://{BUCKET}/run")
+  with pytest.raises(storage.StorageError,
+                     match="checkpoints cannot be written to s3:// here: .* has no X"):
+    train.train_and_evaluate(c, f"s3://{BUCKET}/refused")
+  fs = storage.filesystem(emulators["s3"])
   fs.invalidate_cache()
-  assert not fs.exists(f"{BUCKET}/run") and not os.path.exists("s3:")
+  assert not fs.exists(f"{BUCKET}/refused") and not os.path.exists("s3:")
 
 
 def test_the_converter_publishes_to_gs_and_refuses_to_replace(emulators, tmp_path):
@@ -217,17 +278,13 @@ def test_gs_workdir_trains_survives_sigkill_resumes_exactly_evaluates_and_predic
   assert summary["num_examples"] == 24
   stem = run_dir.RunDir(killed).evaluation(emulators["s3"], "test", steps)
   assert run_dir.evaluation_exists(stem)
-  poster = tmp_path / "poster.jpg"
-  from poster_cnn.data import records, tfrecord
-  meta = records.read_metadata(tiny_dataset)
-  source = tfrecord.TFRecordSource(records.split_files(tiny_dataset, meta, "test"))
-  poster.write_bytes(records.decode_example(source[0])["image"])
-  predictions, errors = predict.predict_files(killed, [str(poster)], step=steps)
+  poster = _a_poster(tiny_dataset, tmp_path)
+  predictions, errors = predict.predict_files(killed, [poster], step=steps)
   assert not errors
   out = f"gs://{BUCKET}/predictions.json"
   predict.check_output(out)
   predict.write_output(out, predict.format_predictions(predictions, "json"))
-  assert json.loads(storage.path(out).read_text())[0]["path"] == str(poster)
+  assert json.loads(storage.path(out).read_text())[0]["path"] == poster
   rows = logs.read_metrics(killed)
   assert rows[-1]["step"] == steps and rows[-1]["split"] == "validation"
   from poster_cnn import report
