@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from poster_cnn import dropout
+
 Dtype = Any
 
 HEAD = "head"
@@ -170,7 +172,7 @@ class MBConv(nn.Module):
       if self.drop_connect_rate:
         # Stochastic depth: the whole residual branch of an example is dropped
         # (and the kept ones scaled by 1 / keep), one draw per example.
-        x = nn.Dropout(self.drop_connect_rate, broadcast_dims=(1, 2, 3),
+        x = dropout.Dropout(self.drop_connect_rate, broadcast_dims=(1, 2, 3),
                        deterministic=not train)(x)
       x = x + inputs
     return x
@@ -221,5 +223,5 @@ class EfficientNetLite(nn.Module):
     x = x.mean(axis=(1, 2))
     if self.stop_backbone_gradient:
       x = jax.lax.stop_gradient(x)
-    x = nn.Dropout(self.head_dropout, deterministic=not train)(x)
+    x = dropout.Dropout(self.head_dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype, name=HEAD)(x).astype(jnp.float32)

@@ -12,6 +12,8 @@
 
 3,328,013 trainable parameters with 13 outputs at 224x224 ('same' padding;
 BatchNorm momentum 0.99 and epsilon 1e-3 as in Keras, where it was built).
+Dropout keeps with probability 1 - rate rounded to a multiple of 2**-16
+(`poster_cnn.dropout`: a quarter of the random hashing of nn.Dropout's).
 `PosterResNet` is a small ResNet with global average pooling, the better model
 on real posters (docs/RESULTS.md).
 
@@ -33,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from poster_cnn import efficientnet, onednn_conv
+from poster_cnn import dropout, efficientnet, onednn_conv
 
 Dtype = Any
 
@@ -266,12 +268,12 @@ class PosterCNN(nn.Module):
       x = norm()(x)
       x = pool(x)
       if rate:
-        x = nn.Dropout(rate, deterministic=not train)(x)
+        x = dropout.Dropout(rate, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
     for features in self.dense_features:
       x = nn.relu(nn.Dense(features, dtype=self.dtype)(x))
       x = norm()(x)
-      x = nn.Dropout(self.dense_dropout, deterministic=not train)(x)
+      x = dropout.Dropout(self.dense_dropout, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
     return x.astype(jnp.float32)
 
@@ -330,7 +332,7 @@ class PosterResNet(nn.Module):
       for _ in range(blocks):
         x = ResidualBlock(features, norm, self.conv_impl, self.dtype)(x)
     x = x.mean(axis=(1, 2))
-    x = nn.Dropout(self.head_dropout, deterministic=not train)(x)
+    x = dropout.Dropout(self.head_dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
