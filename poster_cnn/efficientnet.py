@@ -173,7 +173,7 @@ class MBConv(nn.Module):
         # Stochastic depth: the whole residual branch of an example is dropped
         # (and the kept ones scaled by 1 / keep), one draw per example.
         x = dropout.Dropout(self.drop_connect_rate, broadcast_dims=(1, 2, 3),
-                       deterministic=not train)(x)
+                            deterministic=not train)(x)
       x = x + inputs
     return x
 
