@@ -10,8 +10,8 @@ functions that decide it, for s3:// paths only:
 
   _normalize_path        keeps 's3://' whole, as it already does for 'gs://'
   _use_gcs_driver        true for s3:// too: "an object store, not a local path"
-  get_kvstore_for_gcs    an s3 spec for s3:// paths ({'driver': 's3', 'bucket', 'path',
-                         'endpoint', 'aws_region'}); gs:// paths as before
+  get_kvstore_for_gcs    an s3 spec for s3:// paths (`kvstore_spec`: driver 's3', bucket,
+                         path, endpoint, aws_region, aws_credentials); gs:// as before
 
 Every other path orbax sees is untouched. `install()` checks that the three functions
 exist before it wraps anything, and `checkpoint.checkpoint_dir` refuses s3:// before a
