@@ -6,27 +6,24 @@ Prints the median of 9 timed calls of each jitted mask, after one warm-up call. 
 default shape is the paper model's first dropout at 224x224, batch 32.
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 from poster_cnn import dropout
+from timing import median_step_seconds  # benchmarks/timing.py
 
 _SHAPE = flags.DEFINE_list("shape", ["32", "112", "112", "16"], "Mask shape.")
 _RATE = flags.DEFINE_float("rate", 0.1, "Dropout rate.")
 
 
 def _median_ms(fn, key) -> float:
-  jax.block_until_ready(fn(key))
-  times = []
-  for _ in range(9):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(key))
-    times.append(time.perf_counter() - start)
-  return 1000 * float(np.median(times))
+  def run_steps(n):
+    for _ in range(n):
+      jax.block_until_ready(fn(key))
+
+  run_steps(1)  # compiles
+  return 1000 * median_step_seconds(run_steps, repeats=9, steps=1)
 
 
 def main(argv):
@@ -34,8 +31,8 @@ def main(argv):
   shape, rate = tuple(int(d) for d in _SHAPE.value), _RATE.value
   masks = {
       "bernoulli": lambda k: jax.random.bernoulli(k, 1 - rate, shape),
-      "jax_bits_uint16": lambda k: jax.random.bits(k, shape, jnp.uint16) < round(
-          (1 - rate) * 2**16),
+      "jax_bits_uint16": lambda k: (jax.random.bits(k, shape, jnp.uint16)
+                                    < dropout.keep_threshold(rate)),
       "poster_cnn_dropout": lambda k: dropout.keep_mask(k, shape, rate),
   }
   for name, fn in masks.items():
