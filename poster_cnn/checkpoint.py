@@ -6,6 +6,8 @@ Layout of `<workdir>/checkpoints/<step>/`:
   digest/     sha256 of every state array and of each process's iterator file, written
               in the same (atomic) save; checked at restore
   metrics/    validation metrics, when the step was evaluated
+and `<workdir>/checkpoints/.poster_cnn`, which tells the run's directory from one deleted
+under it (rm -rf) and recreated by a save in flight.
 
 Saving both in one step directory is what makes a resumed run continue
 with exactly the batches an uninterrupted run would have seen.
@@ -23,6 +25,8 @@ import hashlib
 import json
 import logging as pylogging
 import os
+import shutil
+import sys
 import time
 from typing import Any
 
@@ -65,10 +69,26 @@ def checkpoint_dir(workdir: str | os.PathLike) -> str:
   return os.fspath(workdir / "checkpoints")
 
 
-def _is_dir(directory: str) -> bool:
-  """Whether `directory` exists. Object storage has no empty directories, so a remote
-  one (a key prefix) counts as present: nothing to recreate before a save."""
-  return storage.is_remote(directory) or os.path.isdir(directory)
+# Written into a local checkpoints/ directory when the run opens it. tensorstore recreates
+# the directories of an array it is writing, so a checkpoints/ deleted under a save can be
+# back a moment later, holding only the remains of that save: the marker is what tells the
+# run's own directory from such a one.
+_MARKER = ".poster_cnn"
+
+
+def _deleted(directory: str) -> bool:
+  """Whether the local checkpoints/ `directory` opened by this run has been deleted (and
+  perhaps recreated without the marker). Object storage has no directories to delete: a
+  remote one never is."""
+  return not storage.is_remote(directory) and not os.path.exists(
+      os.path.join(directory, _MARKER))
+
+
+def _mark(directory: str) -> None:
+  if not storage.is_remote(directory) and jax.process_index() == 0:
+    with open(os.path.join(directory, _MARKER), "w") as f:
+      f.write("the checkpoints of a poster_cnn run; training recreates the directory "
+              "when this file disappears\n")
 
 
 def create_manager(workdir: str | os.PathLike, *, keep: int = 3,
@@ -83,8 +103,6 @@ def create_manager(workdir: str | os.PathLike, *, keep: int = 3,
       ocp.checkpoint_managers.BestN(get_metric_fn=_best_fn, n=1,
                                     keep_checkpoints_without_metrics=False),
   ])
-  if not read_only:
-    _LOST_SAVES.directories.add(checkpoint_dir(workdir))
   options = ocp.CheckpointManagerOptions(
       best_fn=_best_fn, best_mode="max", preservation_policy=policy,
       enable_async_checkpointing=not read_only, read_only=read_only,
@@ -93,11 +111,18 @@ def create_manager(workdir: str | os.PathLike, *, keep: int = 3,
       atomicity_options=(ocp.options.AtomicityOptions(
           mode=ocp.options.AtomicityMode.COMMIT_FILE)
           if storage.scheme(workdir) == "s3" else None))
-  return ocp.CheckpointManager(
+  _ignore_closed_event_loops()
+  manager = ocp.CheckpointManager(
       checkpoint_dir(workdir), options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      DATA_ITER_ITEM: grain.checkpoint.CheckpointHandler(),
                      DIGEST_ITEM: ocp.JsonCheckpointHandler()})
+  if not read_only:
+    directory = os.fspath(manager.directory)
+    _mark(directory)
+    _LOST_SAVES.directories.add(directory)
+    multihost_utils.sync_global_devices("poster_cnn_mark_checkpoint_dir")
+  return manager
 
 
 class CheckpointError(RuntimeError):
@@ -174,26 +199,71 @@ def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(os.fspath(manager.directory), str(step))
 
 
-class _LostSaveTracebacks(pylogging.Filter):
-  """Shortens to one line what orbax's writer threads log, with a traceback, about a save
-  whose checkpoints/ directory was deleted under it; finish() reports the loss."""
+def _lost(directory: str, error: BaseException) -> bool:
+  """Whether `error` is that of a save into `directory` deleted under it (rm -rf
+  WORKDIR/checkpoints). Locally the missing marker says so, whatever orbax raised: a
+  FileNotFoundError, or a ValueError about the metadata of arrays deleted after being
+  written. Remotely, a FileNotFoundError under it."""
+  if _deleted(directory):
+    return True
+  while error is not None and not isinstance(error, FileNotFoundError):
+    error = error.__cause__ or error.__context__
+  return error is not None and str(error.filename or "").startswith(directory + os.sep)
+
+
+class _LostSaves(pylogging.Filter):
+  """Keeps a save whose checkpoints/ directory was deleted under it to the warnings of
+  finish() and save(): shortens to one line what orbax's writer threads log, with a
+  traceback, about it, and drops the "Task exception was never retrieved" that asyncio
+  logs for each of its array writes left behind."""
 
   def __init__(self):
     super().__init__()
     self.directories: set[str] = set()
+    self.any_lost = False
+
+  def lost(self, error: BaseException, directories=None) -> bool:
+    """Whether `error` is that of a save into one of `directories` (by default, the
+    watched ones) deleted under it."""
+    lost = any(_lost(d, error) for d in directories or self.directories)
+    self.any_lost |= lost
+    return lost
 
   def filter(self, record) -> bool:
     error = record.exc_info[1] if record.exc_info else None
-    if isinstance(error, FileNotFoundError) and any(
-        str(error.filename or "").startswith(d + os.sep) for d in self.directories):
+    if error is not None and record.name == "asyncio":
+      # Logged when the task is collected, perhaps after the directory was recreated.
+      return not (self.lost(error) or self.any_lost and any(
+          d + os.sep in str(error) for d in self.directories))
+    if error is not None and self.lost(error):
       record.exc_info, record.exc_text = None, None
-      record.msg, record.args = "a checkpoint lost its directory: %s", (error,)
+      record.msg, record.args = "a checkpoint lost its directory: %s", (_first_line(error),)
       record.levelno, record.levelname = pylogging.WARNING, "WARNING"
     return True
 
 
-_LOST_SAVES = _LostSaveTracebacks()
+def _ignore_closed_event_loops() -> None:
+  """Makes `sys.unraisablehook` drop the "Event loop is closed" errors of tensorstore
+  callbacks that arrive after orbax stopped waiting: when a read or write of a
+  checkpoint fails (a damaged file, a directory deleted under a save), orbax raises and
+  closes that operation's event loop while tensorstore is still completing its other
+  reads and writes. The failure itself is raised and reported where it is caught."""
+  previous = sys.unraisablehook
+  if getattr(previous, "poster_cnn", False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.poster_cnn = True
+  sys.unraisablehook = hook
+
+
+_LOST_SAVES = _LostSaves()
 pylogging.getLogger("absl").addFilter(_LOST_SAVES)
+pylogging.getLogger("asyncio").addFilter(_LOST_SAVES)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
@@ -224,46 +294,46 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
   try:
     return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
   except Exception as e:
-    if _lost_directory(e) is None:
+    if not _LOST_SAVES.lost(e, [os.fspath(manager.directory)]):
       raise
     logging.warning("checkpoint %d lost: %s was deleted while it was written (%s)", step,
-                    manager.directory, _first_line(_lost_directory(e)))
-    _recreate_if_deleted(manager)
+                    manager.directory, _first_line(e))
     return False
 
 
-def _lost_directory(e: BaseException) -> FileNotFoundError | None:
-  """The FileNotFoundError behind `e`, if any (a checkpoint directory deleted under a save)."""
-  while e is not None and not isinstance(e, FileNotFoundError):
-    e = e.__cause__ or e.__context__
-  return e
-
-
-def finish(manager: ocp.CheckpointManager) -> None:
+def finish(manager: ocp.CheckpointManager) -> bool:
   """Waits for the saves in flight. One whose directory was deleted meanwhile (rm -rf
-  WORKDIR/checkpoints) is lost with a warning, not a traceback."""
+  WORKDIR/checkpoints) is lost with a warning, not a traceback, and True is returned;
+  the next save recreates the directory."""
   try:
     manager.wait_until_finished()
   except Exception as e:
-    cause = _lost_directory(e)
-    if cause is None and _is_dir(os.fspath(manager.directory)):
+    if not _LOST_SAVES.lost(e, [os.fspath(manager.directory)]):
       raise
     logging.warning("%s was deleted while a checkpoint was written into it: that checkpoint "
-                    "is lost (%s)", manager.directory, _first_line(cause or e))
-    if _is_dir(os.fspath(manager.directory)):
-      manager.reload()
+                    "is lost (%s)", manager.directory, _first_line(e))
+    return True
+  return False
 
 
 def _recreate_if_deleted(manager: ocp.CheckpointManager) -> None:
+  """Recreates checkpoints/ when it was deleted during the run, on every process
+  together (the decision is collective, so that no process waits alone at a barrier)."""
   directory = os.fspath(manager.directory)
-  if _is_dir(directory):
+  if not _all_processes(np.int32(_deleted(directory))).any():
     return
-  # Deleted while training ran (rm -rf WORKDIR/checkpoints): the run goes on saving.
   finish(manager)
+  multihost_utils.sync_global_devices("poster_cnn_saves_into_deleted_dir_ended")
   if jax.process_index() == 0:
     logging.warning("%s was deleted during the run: recreating it; the checkpoints it "
                     "held are lost", directory)
     os.makedirs(directory, exist_ok=True)
+    # What tensorstore recreated of the lost saves; whatever else is there now (a copy
+    # of saved steps put back by hand) is kept.
+    for name in os.listdir(directory):
+      if ".orbax-checkpoint-tmp" in name:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    _mark(directory)
   multihost_utils.sync_global_devices("poster_cnn_recreate_checkpoint_dir")
   manager.reload()
 

@@ -401,6 +401,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if stop:
           logging.warning("stopping at step %d after preemption", step)
           break
+      if checkpoint.finish(manager):  # the last save went with its directory: again
+        checkpoint.save(manager, step, state, train_iter)
     finally:
       checkpoint.finish(manager)
       writer.write_hparams(config, last_eval)

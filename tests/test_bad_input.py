@@ -266,8 +266,18 @@ def _directory_deleted(step_dir: str) -> None:
   shutil.rmtree(os.path.dirname(step_dir))
 
 
+def _directory_deleted_then_recreated_by_a_write(step_dir: str) -> None:
+  # tensorstore makes the directories of the array it writes: a save in flight while
+  # checkpoints/ is deleted brings it back, holding only the remains of that save.
+  shutil.rmtree(os.path.dirname(step_dir))
+  leftover = os.path.join(os.path.dirname(step_dir), "3.orbax-checkpoint-tmp", "state")
+  os.makedirs(leftover)
+  open(os.path.join(leftover, "manifest.ocdbt"), "wb").close()
+
+
 CHECKPOINT_DAMAGE = {**DAMAGE, "every_checkpoint": _all_damaged,
-                     "checkpoints_deleted": _directory_deleted}
+                     "checkpoints_deleted": _directory_deleted,
+                     "checkpoints_deleted_and_recreated": _directory_deleted_then_recreated_by_a_write}
 
 
 @pytest.mark.parametrize("damage", sorted(CHECKPOINT_DAMAGE))
@@ -283,11 +293,12 @@ def test_damaged_checkpoints_are_reported_and_fallen_back_from(  # noqa: F811 (s
   printed = capfd.readouterr()
   assert "Traceback" not in printed.err + printed.out
   assert "Event loop is closed" not in printed.err + printed.out + messages
-  if damage == "checkpoints_deleted":
-    assert step is None
+  if damage.startswith("checkpoints_deleted"):
+    assert step is None and "was deleted during the run: recreating it" in messages
     checkpoint.save(manager, 3, state, None)  # the run goes on saving
     manager.wait_until_finished()
     assert manager.all_steps() == [3]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [".poster_cnn", "3"]
     return
   assert str(tmp_path / "checkpoints" / "2") in messages
   if damage == "every_checkpoint":

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -176,6 +177,47 @@ def test_deleted_checkpoint_directory_is_recreated(setup, tmp_path, caplog):
   assert "was deleted during the run" in caplog.text
   assert manager.all_steps() == [2]
   assert checkpoint.restore(manager, 2, abstract) is not None
+
+
+def test_a_failed_save_is_a_lost_one_only_when_its_directory_went(setup, tmp_path,
+                                                                  monkeypatch):
+  c, state, _ = setup
+  manager = _save_steps(tmp_path, c, state, steps=(1,))
+
+  def fails():
+    raise ValueError("No ArrayMetadata found")  # what orbax raises for deleted arrays
+  monkeypatch.setattr(manager, "wait_until_finished", fails)
+  with pytest.raises(ValueError, match="No ArrayMetadata"):  # the directory is there
+    checkpoint.finish(manager)
+  os.remove(tmp_path / "checkpoints" / ".poster_cnn")  # as when rm -rf and a write made it again
+  assert checkpoint.finish(manager) is True
+
+
+def test_saved_steps_put_back_by_hand_are_kept_when_the_directory_is_recreated(
+    setup, tmp_path):
+  c, state, abstract = setup
+  manager = _save_steps(tmp_path, c, state, steps=(1, 2))
+  shutil.copytree(tmp_path / "checkpoints", tmp_path / "backup")
+  shutil.rmtree(tmp_path / "checkpoints")
+  shutil.copytree(tmp_path / "backup", tmp_path / "checkpoints",
+                  ignore=shutil.ignore_patterns(".poster_cnn"))
+  os.makedirs(tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp")  # a lost save's remains
+  checkpoint.save(manager, 3, state, None)
+  manager.wait_until_finished()
+  assert manager.all_steps() == [1, 2, 3]
+  assert checkpoint.restore(manager, 2, abstract) is not None
+
+
+def test_closed_event_loop_errors_alone_are_dropped(monkeypatch):
+  seen = []
+  monkeypatch.setattr("sys.unraisablehook", seen.append)
+  checkpoint._ignore_closed_event_loops()
+  checkpoint._ignore_closed_event_loops()  # installed once
+  unraisable = lambda e: type("U", (), {"exc_value": e})()  # noqa: E731
+  sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
+  other = unraisable(RuntimeError("something else"))
+  sys.unraisablehook(other)
+  assert seen == [other]
 
 
 def test_nan_loss_saves_nothing_and_names_the_last_verified(tiny_dataset, tmp_path):
