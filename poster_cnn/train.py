@@ -10,6 +10,7 @@ batch, synchronised across devices by XLA, with no `axis_name` or `pmean`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -404,10 +405,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if checkpoint.finish(manager):  # the last save went with its directory: again
         checkpoint.save(manager, step, state, train_iter)
     finally:
-      checkpoint.finish(manager)
-      writer.write_hparams(config, last_eval)
-      writer.close()
-      inference.close(train_iter)
+      with contextlib.ExitStack() as cleanup:  # last in, first run; each runs if one raised
+        cleanup.callback(inference.close, train_iter)
+        cleanup.callback(writer.close)
+        cleanup.callback(lambda: writer.write_hparams(config, last_eval))
+        cleanup.callback(checkpoint.finish, manager)
   logging.info("trained %d steps in %s", step - start_step,
                _format_seconds(time.perf_counter() - run_start))
   return last_eval
