@@ -33,7 +33,7 @@ back an old dataset an interrupted swap had moved aside). SIGTERM cleans up like
 Stages: read the CSV once (ids, genres, titles); drop duplicates; choose the vocabulary
 (`csv_rows`); assign splits by iterative stratification (`splits`); convert images in
 worker processes (`images`), in split order, streaming into shards in a temporary
-directory beside the output; write metadata; rename the directory into place (here).
+directory beside the output (`publish`); write metadata; rename the directory into place.
 """
 
 from __future__ import annotations
@@ -44,19 +44,17 @@ import json
 import math
 import os
 import re
-import secrets
-import shutil
 import signal
 import tempfile
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from absl import logging
 
-from poster_cnn.data import csv_rows, images, records, tfrecord
+from poster_cnn.data import csv_rows, images, publish, records, tfrecord
 from poster_cnn.data import split_file as split_file_lib
 from poster_cnn.data import splits as splits_lib
 # What convert() raises, importable beside it.
@@ -232,87 +230,13 @@ def _check_output(output_dir: Path, overwrite: bool, inputs: Sequence[Path]) -> 
 
 
 def _check_writable(output_dir: Path) -> None:
-  """Creates the output's parent and a scratch directory in it, so a parent that is a
-  file, read-only or not a real file system (/proc) fails before the CSV is read."""
+  """Fails before the CSV is read where the output's folder cannot be written."""
   try:
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    _sibling(output_dir, "probe").rmdir()
+    publish.check_writable(output_dir)
   except OSError as e:
     where = e.filename or output_dir.parent
     raise ConversionError(f"--output_dir={output_dir}: cannot write there "
                           f"({where}: {e.strerror or e})") from None
-
-
-_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|probe)-(?P<pid>\d+)-[0-9a-f]{8}")
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def clean_leftovers(output_dir: Path) -> None:
-  """Removes what a killed conversion to `output_dir` left beside it (SIGKILL runs no
-  cleanup): partial new datasets, and old ones moved aside for the swap; an old one is
-  moved back when the swap was cut short before the new one took its place. Siblings
-  of a conversion still running (its process alive) are left alone."""
-  try:
-    siblings = list(output_dir.parent.iterdir())
-  except OSError:
-    return
-  for path in siblings:
-    m = _LEFTOVER.fullmatch(path.name)
-    if not m or m["name"] != output_dir.name or _alive(int(m["pid"])):
-      continue
-    old = path / output_dir.name
-    if m["kind"] == "old" and old.is_dir() and not output_dir.exists():
-      os.rename(old, output_dir)
-      logging.warning("restored %s from %s, where an interrupted --overwrite had moved it",
-                      output_dir, path)
-    shutil.rmtree(path, ignore_errors=True)
-    logging.warning("removed %s, left by an interrupted conversion (process %s)", path,
-                    m["pid"])
-
-
-def _sibling(path: Path, kind: str) -> Path:
-  """A new directory beside `path`, with the permissions the umask gives (mkdtemp's
-  0700 would end up on the published dataset)."""
-  while True:
-    candidate = path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-      candidate.mkdir()
-      return candidate
-    except FileExistsError:
-      continue
-
-
-@contextlib.contextmanager
-def _staging(output_dir: Path) -> Iterator[Path]:
-  """A temporary directory beside `output_dir` (same file system), renamed to it when
-  the block completes, removed when it raises (KeyboardInterrupt included). An old
-  output is replaced only after the new one is complete."""
-  output_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = _sibling(output_dir, "tmp")
-  try:
-    yield tmp
-    if not output_dir.exists():
-      os.rename(tmp, output_dir)
-      return
-    old = _sibling(output_dir, "old")
-    os.rename(output_dir, old / output_dir.name)
-    try:
-      os.rename(tmp, output_dir)
-    except BaseException:
-      os.rename(old / output_dir.name, output_dir)
-      raise
-    shutil.rmtree(old, ignore_errors=True)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed
 
 
 # ------------------------------------------------------------------ report
@@ -487,7 +411,7 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
   csv_path, output_dir = Path(csv_path), Path(output_dir)
   image_dir = Path(image_dir) if image_dir else next(
       (p for p in (csv_path.parent / n for n in IMAGE_DIR_NAMES) if p.is_dir()), csv_path.parent)
-  clean_leftovers(output_dir)
+  publish.clean_leftovers(output_dir)
   _check_output(output_dir, overwrite, [csv_path, image_dir])
   _check_writable(output_dir)
   text, used_encoding = csv_rows.read_csv_text(csv_path, encoding)
@@ -499,13 +423,15 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
             "report_path": str(report_path), "encoding": used_encoding, "layout": None,
             "vocabulary": None, "arguments": arguments}
   split_sizes = {name: 0 for name in fractions}
+  stage = None
   try:
     rows, labels, vocab, plan = _plan_rows(text, report, result, layout_flags, vocabulary,
                                            unlabeled, fractions, seed, image_dir, fixed_splits)
     del text
     logging.info("converting %d posters from %s with %d workers", len(rows), csv_path,
                  num_workers)
-    with _staging(output_dir) as tmp:
+    with publish.staging(output_dir) as stage:
+      tmp = stage.path
       infos = write_splits(tmp, rows, labels, plan, list(fractions), vocab, image_dir,
                            images.JpegOptions(size, jpeg_quality, max_image_pixels,
                                               raw=image_format == "raw"),
@@ -524,7 +450,16 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
                                 "arguments": arguments, "report": summary}}),
           description=f"Movie posters with multi-hot genre labels, converted from {csv_path}.")
       _write_report(tmp / REPORT_FILE, result)
+      with publish.deferred_interrupts():  # published and reported as such, or neither
+        stage.publish()
+        try:
+          _write_report(report_path, result)
+        except OSError as e:  # the dataset holds the same report
+          logging.warning("could not write %s: %s", report_path, e)
   except BaseException as e:  # the report must say why, whatever stopped the run
+    if stage is not None and stage.published:  # interrupted after the swap: it stands
+      e.published = True
+      raise
     result.update(status="failed", error=str(e) or type(e).__name__,
                   summary=report.summary(split_sizes), reasons=report.listing())
     result["summary"]["seconds"] = round(time.monotonic() - start, 3)
@@ -538,7 +473,6 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
     if isinstance(e, ConversionError):
       e.report = result
     raise
-  _write_report(report_path, result)
   logging.info("wrote %s: %s", output_dir, split_sizes)
   return result
 
@@ -602,6 +536,12 @@ def _raise_terminated(signum, frame):
   raise Terminated()
 
 
+def _outcome(interrupt: BaseException, output_dir: str) -> str:
+  if getattr(interrupt, "published", False):
+    return f"{output_dir} had been written in full"
+  return "no dataset written"
+
+
 def run() -> None:
   """The poster-cnn-convert console script: exit status 1 when the conversion fails."""
   from absl import app
@@ -611,18 +551,19 @@ def run() -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     signal.signal(signal.SIGTERM, _raise_terminated)
+    output = holders["output_dir"].value
     try:
       report = convert(**{name: holder.value for name, holder in holders.items()})
-    except Terminated:
-      print("poster-cnn-convert: terminated (SIGTERM); no dataset written", file=sys.stderr)
+    except Terminated as e:
+      print(f"poster-cnn-convert: terminated (SIGTERM); {_outcome(e, output)}", file=sys.stderr)
       return 143
     except ConversionError as e:
       if e.report is not None:
         print(format_summary(e.report))
       print(f"poster-cnn-convert: error: {e}", file=sys.stderr)
       return 1
-    except KeyboardInterrupt:
-      print("poster-cnn-convert: interrupted; no dataset written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+      print(f"poster-cnn-convert: interrupted; {_outcome(e, output)}", file=sys.stderr)
       return 130
     print(format_summary(report))
     return 0
