@@ -20,13 +20,10 @@ commit_success.txt file there, as orbax does on GCS, since S3 cannot rename).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging as pylogging
 import os
 import shutil
-import sys
 import time
 from typing import Any
 
@@ -39,7 +36,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from poster_cnn import orbax_s3, storage
+from poster_cnn import lost_saves, orbax_s3, storage
+from poster_cnn.lost_saves import first_line
 from poster_cnn.data import iterator_state
 
 BEST_METRIC = "macro_map"
@@ -69,28 +67,6 @@ def checkpoint_dir(workdir: str | os.PathLike) -> str:
   return os.fspath(workdir / "checkpoints")
 
 
-# Written into a local checkpoints/ directory when the run opens it. tensorstore recreates
-# the directories of an array it is writing, so a checkpoints/ deleted under a save can be
-# back a moment later, holding only the remains of that save: the marker is what tells the
-# run's own directory from such a one.
-_MARKER = ".poster_cnn"
-
-
-def _deleted(directory: str) -> bool:
-  """Whether the local checkpoints/ `directory` opened by this run has been deleted (and
-  perhaps recreated without the marker). Object storage has no directories to delete: a
-  remote one never is."""
-  return not storage.is_remote(directory) and not os.path.exists(
-      os.path.join(directory, _MARKER))
-
-
-def _mark(directory: str) -> None:
-  if not storage.is_remote(directory) and jax.process_index() == 0:
-    with open(os.path.join(directory, _MARKER), "w") as f:
-      f.write("the checkpoints of a poster_cnn run; training recreates the directory "
-              "when this file disappears\n")
-
-
 def create_manager(workdir: str | os.PathLike, *, keep: int = 3,
                    read_only: bool = False) -> ocp.CheckpointManager:
   """A manager keeping the latest `keep` checkpoints and the best by macro mAP.
@@ -111,16 +87,14 @@ def create_manager(workdir: str | os.PathLike, *, keep: int = 3,
       atomicity_options=(ocp.options.AtomicityOptions(
           mode=ocp.options.AtomicityMode.COMMIT_FILE)
           if storage.scheme(workdir) == "s3" else None))
-  _ignore_closed_event_loops()
+  lost_saves.ignore_closed_event_loops()
   manager = ocp.CheckpointManager(
       checkpoint_dir(workdir), options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      DATA_ITER_ITEM: grain.checkpoint.CheckpointHandler(),
                      DIGEST_ITEM: ocp.JsonCheckpointHandler()})
   if not read_only:
-    directory = os.fspath(manager.directory)
-    _mark(directory)
-    _LOST_SAVES.directories.add(directory)
+    lost_saves.watch(os.fspath(manager.directory))
     multihost_utils.sync_global_devices("poster_cnn_mark_checkpoint_dir")
   return manager
 
@@ -199,73 +173,6 @@ def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(os.fspath(manager.directory), str(step))
 
 
-def _lost(directory: str, error: BaseException) -> bool:
-  """Whether `error` is that of a save into `directory` deleted under it (rm -rf
-  WORKDIR/checkpoints). Locally the missing marker says so, whatever orbax raised: a
-  FileNotFoundError, or a ValueError about the metadata of arrays deleted after being
-  written. Remotely, a FileNotFoundError under it."""
-  if _deleted(directory):
-    return True
-  while error is not None and not isinstance(error, FileNotFoundError):
-    error = error.__cause__ or error.__context__
-  return error is not None and str(error.filename or "").startswith(directory + os.sep)
-
-
-class _LostSaves(pylogging.Filter):
-  """Keeps a save whose checkpoints/ directory was deleted under it to the warnings of
-  finish() and save(): shortens to one line what orbax's writer threads log, with a
-  traceback, about it, and drops the "Task exception was never retrieved" that asyncio
-  logs for each of its array writes left behind."""
-
-  def __init__(self):
-    super().__init__()
-    self.directories: set[str] = set()
-    self.any_lost = False
-
-  def lost(self, error: BaseException, directories=None) -> bool:
-    """Whether `error` is that of a save into one of `directories` (by default, the
-    watched ones) deleted under it."""
-    lost = any(_lost(d, error) for d in directories or self.directories)
-    self.any_lost |= lost
-    return lost
-
-  def filter(self, record) -> bool:
-    error = record.exc_info[1] if record.exc_info else None
-    if error is not None and record.name == "asyncio":
-      # Logged when the task is collected, perhaps after the directory was recreated.
-      return not (self.lost(error) or self.any_lost and any(
-          d + os.sep in str(error) for d in self.directories))
-    if error is not None and self.lost(error):
-      record.exc_info, record.exc_text = None, None
-      record.msg, record.args = "a checkpoint lost its directory: %s", (_first_line(error),)
-      record.levelno, record.levelname = pylogging.WARNING, "WARNING"
-    return True
-
-
-def _ignore_closed_event_loops() -> None:
-  """Makes `sys.unraisablehook` drop the "Event loop is closed" errors of tensorstore
-  callbacks that arrive after orbax stopped waiting: when a read or write of a
-  checkpoint fails (a damaged file, a directory deleted under a save), orbax raises and
-  closes that operation's event loop while tensorstore is still completing its other
-  reads and writes. The failure itself is raised and reported where it is caught."""
-  previous = sys.unraisablehook
-  if getattr(previous, "poster_cnn", False):
-    return
-
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
-      previous(unraisable)
-
-  hook.poster_cnn = True
-  sys.unraisablehook = hook
-
-
-_LOST_SAVES = _LostSaves()
-pylogging.getLogger("absl").addFilter(_LOST_SAVES)
-pylogging.getLogger("asyncio").addFilter(_LOST_SAVES)
-
-
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          data_iter: grain.DatasetIterator | None, metrics: dict | None = None,
          *, force: bool = True) -> bool:
@@ -294,10 +201,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
   try:
     return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
   except Exception as e:
-    if not _LOST_SAVES.lost(e, [os.fspath(manager.directory)]):
+    if not lost_saves.lost(e, os.fspath(manager.directory)):
       raise
     logging.warning("checkpoint %d lost: %s was deleted while it was written (%s)", step,
-                    manager.directory, _first_line(e))
+                    manager.directory, first_line(e))
     return False
 
 
@@ -308,10 +215,10 @@ def finish(manager: ocp.CheckpointManager) -> bool:
   try:
     manager.wait_until_finished()
   except Exception as e:
-    if not _LOST_SAVES.lost(e, [os.fspath(manager.directory)]):
+    if not lost_saves.lost(e, os.fspath(manager.directory)):
       raise
     logging.warning("%s was deleted while a checkpoint was written into it: that checkpoint "
-                    "is lost (%s)", manager.directory, _first_line(e))
+                    "is lost (%s)", manager.directory, first_line(e))
     return True
   return False
 
@@ -320,7 +227,7 @@ def _recreate_if_deleted(manager: ocp.CheckpointManager) -> None:
   """Recreates checkpoints/ when it was deleted during the run, on every process
   together (the decision is collective, so that no process waits alone at a barrier)."""
   directory = os.fspath(manager.directory)
-  if not _all_processes(np.int32(_deleted(directory))).any():
+  if not _all_processes(np.int32(lost_saves.deleted(directory))).any():
     return
   finish(manager)
   multihost_utils.sync_global_devices("poster_cnn_saves_into_deleted_dir_ended")
@@ -333,7 +240,7 @@ def _recreate_if_deleted(manager: ocp.CheckpointManager) -> None:
     for name in os.listdir(directory):
       if ".orbax-checkpoint-tmp" in name:
         shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-    _mark(directory)
+    lost_saves.mark(directory)
   multihost_utils.sync_global_devices("poster_cnn_recreate_checkpoint_dir")
   manager.reload()
 
@@ -412,7 +319,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
     saved_by = None if data_iter is None else _saved_iterator_topology(manager, step, data_iter)
   except (OSError, ValueError) as e:  # a damaged iterator file
     raise CorruptCheckpointError(f"checkpoint {step}: {_iterator_file(step_dir)} cannot be "
-                                 f"read ({type(e).__name__}: {_first_line(e)})") from None
+                                 f"read ({type(e).__name__}: {first_line(e)})") from None
   if saved_by is not None and batch_size is None:
     raise TopologyChanged(f"the data iterator at step {step} in {manager.directory} was saved "
                           f"by {saved_by}, this run has {jax.process_count()}")
@@ -421,11 +328,11 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   if has_digest:
     items[DIGEST_ITEM] = ocp.args.JsonRestore()
   try:
-    with _quiet_event_loop():
+    with lost_saves.quiet_event_loop():
       restored = manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # orbax and tensorstore raise many types for unreadable data
     raise CorruptCheckpointError(f"checkpoint {step} in {step_dir} cannot be read "
-                                 f"({type(e).__name__}: {_first_line(e)})") from None
+                                 f"({type(e).__name__}: {first_line(e)})") from None
   state = restored["state"]
   if not has_digest:
     logging.warning("checkpoint %d in %s has no digest (written before checkpoints carried "
@@ -440,7 +347,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
     except Exception as e:
       raise CorruptCheckpointError(f"checkpoint {step}: the data iterator state in "
                                    f"{os.path.dirname(_iterator_file(step_dir))} cannot be "
-                                   f"restored ({type(e).__name__}: {_first_line(e)})") from None
+                                   f"restored ({type(e).__name__}: {first_line(e)})") from None
   elif data_iter is not None:
     data_iter.set_state(iterator_state.state_after(data_iter.get_state(), step))
     logging.warning(
@@ -473,33 +380,6 @@ def _verify(step: int, step_dir: str, state: Any, digest: dict,
   if jax.process_index() >= len(expected) or expected[jax.process_index()] != found:
     raise CorruptCheckpointError(f"checkpoint {step}: {path} fails its digest (damaged on "
                                  "disk, or saved by a different number of processes)")
-
-
-def _first_line(e: Exception) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0][:300] if text else ""
-
-
-@contextlib.contextmanager
-def _quiet_event_loop():
-  """Drops the "Event loop is closed" errors that orbax's aborted reads of a damaged
-  checkpoint log from their leftover coroutines; the failure itself is raised."""
-  class _Filter(pylogging.Filter):
-    def filter(self, record):
-      text = record.getMessage()
-      if record.exc_info and record.exc_info[1] is not None:
-        text += str(record.exc_info[1])
-      return "Event loop is closed" not in text
-
-  f = _Filter()
-  loggers = [pylogging.getLogger(), pylogging.getLogger("asyncio"), pylogging.getLogger("absl")]
-  for logger in loggers:
-    logger.addFilter(f)
-  try:
-    yield
-  finally:
-    for logger in loggers:
-      logger.removeFilter(f)
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,

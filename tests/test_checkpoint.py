@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from poster_cnn import checkpoint, train
+from poster_cnn import checkpoint, lost_saves, train
 from poster_cnn.data import pipeline
 
 
@@ -211,8 +211,8 @@ def test_saved_steps_put_back_by_hand_are_kept_when_the_directory_is_recreated(
 def test_closed_event_loop_errors_alone_are_dropped(monkeypatch):
   seen = []
   monkeypatch.setattr("sys.unraisablehook", seen.append)
-  checkpoint._ignore_closed_event_loops()
-  checkpoint._ignore_closed_event_loops()  # installed once
+  lost_saves.ignore_closed_event_loops()
+  lost_saves.ignore_closed_event_loops()  # installed once
   unraisable = lambda e: type("U", (), {"exc_value": e})()  # noqa: E731
   sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
   other = unraisable(RuntimeError("something else"))
