@@ -14,7 +14,7 @@ history, music, war, musical, sport, western), the same fixed split
     poster-cnn --mode=evaluate --workdir=RUN      # best (validation) checkpoint, test split
 """
 
-from configs import posters_efficientnet
+from poster_cnn.configs import posters_efficientnet
 
 TRAIN_POSTERS = 9_392  # the train split of /tmp/movie_posters_all
 

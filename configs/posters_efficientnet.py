@@ -22,7 +22,7 @@ Then
     poster-cnn --mode=evaluate --workdir=RUN      # best (validation) checkpoint, test split
 """
 
-from configs import default
+from poster_cnn.configs import default
 
 TRAIN_POSTERS = 8_719  # the train split of /tmp/movie_posters (13 genres)
 

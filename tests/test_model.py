@@ -1,5 +1,7 @@
 import importlib
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -242,9 +244,21 @@ _CONFIG_NAMES = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(_
                        if f.endswith(".py") and not f.startswith("_"))
 
 
+def test_every_config_loads_from_the_installed_package(tmp_path):
+  # Outside the checkout there is no top-level `configs`: a config importing from it
+  # works in the repository and fails for every user of the package.
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  code = ("import importlib\n"
+          f"for name in {_CONFIG_NAMES!r}:\n"
+          "  importlib.import_module(f'poster_cnn.configs.{name}').get_config()\n")
+  result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("name", _CONFIG_NAMES)
 def test_every_config_builds_its_model_and_loss(name):
-  config = importlib.import_module(f"configs.{name}").get_config()
+  config = importlib.import_module(f"poster_cnn.configs.{name}").get_config()
   m = model_lib.create_model(config, num_classes=15)
   shape = (1, config.image.height, config.image.width, 3)
   shapes = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros(shape, jnp.uint8),
