@@ -196,13 +196,18 @@ class EfficientNetLite(nn.Module):
   bn_epsilon: float = 1e-3
   dtype: Dtype = jnp.float32  # computation dtype; params stay float32
   depthwise_impl: str = "xla"  # a key of DEPTHWISE_IMPLS (resolve_depthwise_impl('auto'))
-  # No gradient flows into the backbone (--config.optimizer.freeze_backbone): a step costs
-  # about a forward pass plus the head's backward, instead of three forward passes.
+  # The backbone stays as loaded (--config.optimizer.freeze_backbone): no gradient flows
+  # into it, so a step costs about a forward pass plus the head's backward instead of three
+  # forward passes, and it runs as at inference, BatchNorm normalising with (and keeping)
+  # its ImageNet statistics and no stochastic depth: the head learns fixed features. Batch
+  # statistics adapting under a frozen backbone shift the features from batch to batch,
+  # and the head trained on them scored worse (docs/RESULTS.md).
   stop_backbone_gradient: bool = False
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     """uint8 or float (batch, height, width, 3) in [0, 255] -> float32 logits (batch, num_classes)."""
+    head_train, train = train, train and not self.stop_backbone_gradient
     norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                                      epsilon=self.bn_epsilon, dtype=self.dtype, name=name)
     x = normalize_imagenet(images, self.dtype)
@@ -223,5 +228,5 @@ class EfficientNetLite(nn.Module):
     x = x.mean(axis=(1, 2))
     if self.stop_backbone_gradient:
       x = jax.lax.stop_gradient(x)
-    x = dropout.Dropout(self.head_dropout, deterministic=not train)(x)
+    x = dropout.Dropout(self.head_dropout, deterministic=not head_train)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype, name=HEAD)(x).astype(jnp.float32)

@@ -85,6 +85,10 @@ def validate(config, dataset: records.DatasetMetadata | None, devices: int | Non
     raise OptionError(f"--config.image.crop_min_area={img.crop_min_area} must be in (0, 1]")
   if img.color_jitter < 0:
     raise OptionError(f"--config.image.color_jitter={img.color_jitter} must be >= 0")
+  if config.optimizer.get("freeze_backbone") and not config.get("init_from"):
+    raise OptionError("--config.optimizer.freeze_backbone=True keeps the backbone as it "
+                      "starts: it needs pretrained weights, --config.init_from=DIR (e.g. "
+                      "from poster-cnn-convert-weights --output_dir=DIR)")
   try:
     optimizer.create_optimizer(config.optimizer, max(config.num_train_steps, 1))
   except ValueError as e:

@@ -247,3 +247,31 @@ def test_a_frozen_backbone_gets_no_gradient(imagenet_variables):
           imagenet_variables["params"])
   assert not any(np.any(g) for k, v in grads.items() if k != "head" for g in jax.tree.leaves(v))
   assert np.any(grads["head"]["kernel"])
+
+
+def test_a_frozen_backbone_runs_as_at_inference_in_training(imagenet_variables):
+  # Its BatchNorm keeps the ImageNet statistics and normalises with them; no stochastic
+  # depth: the head sees the features evaluation will give it.
+  config = default.get_config()
+  config.model.name = "efficientnet_lite0"
+  config.model.head_dropout = 0.0
+  config.model.drop_connect_rate = 0.2
+  config.optimizer.freeze_backbone = True
+  m = model_lib.create_model(config, num_classes=1000)
+  x = np.load(os.path.join(DATA, "efficientnet_lite0_logits.npz"))["images"][:2, :32, :32]
+  logits, updates = m.apply(imagenet_variables, x, train=True, mutable=["batch_stats"],
+                            rngs={"dropout": jax.random.key(0)})
+  np.testing.assert_array_equal(logits, m.apply(imagenet_variables, x, train=False))
+  for new, old in zip(jax.tree.leaves(updates["batch_stats"]),
+                      jax.tree.leaves(imagenet_variables["batch_stats"])):
+    np.testing.assert_array_equal(new, old)
+  unfrozen = model_lib.create_model(_unfrozen(config), num_classes=1000)
+  moved, _ = unfrozen.apply(imagenet_variables, x, train=True, mutable=["batch_stats"],
+                            rngs={"dropout": jax.random.key(0)})
+  assert not np.allclose(moved, logits)  # the check above can fail: training mode differs
+
+
+def _unfrozen(config):
+  config = config.copy_and_resolve_references()
+  config.optimizer.freeze_backbone = False
+  return config

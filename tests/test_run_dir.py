@@ -138,6 +138,7 @@ def _config(data_dir, **overrides):
     ({"model.name": "vgg"}, 1, r"--config.model.name='vgg'"),
     ({"optimizer.name": "lion"}, 1, r"--config.optimizer.name='lion'"),
     ({"loss.gamma": -1.0}, 1, r"--config.loss.gamma"),
+    ({"optimizer.freeze_backbone": True}, 1, r"freeze_backbone=True .* --config.init_from=DIR"),
     ({"batch_size": 512}, 1, r"--config.batch_size=512: split 'train' has only 96 examples"),
 ])
 def test_validate_names_the_flag(tiny_dataset, overrides, devices, message):
