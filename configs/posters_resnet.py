@@ -1,11 +1,11 @@
 """The best configuration measured on real posters without pretrained weights
-(docs/RESULTS.md): a small ResNet with global average pooling instead of the paper's CNN,
+(docs/RESULTS.md; configs/posters_best.py is the best with them): a small ResNet with global average pooling instead of the paper's CNN,
 horizontal flips and random crops, one warmup epoch then cosine decay, 20 epochs; at
 96x96 like configs/posters_sample.py.
 
 Convert ../shared/data/movie-posters as in configs/posters_sample.py, then
 
-    poster-cnn --config=configs/posters_best.py --config.data_dir=/tmp/movie_posters \
+    poster-cnn --config=configs/posters_resnet.py --config.data_dir=/tmp/movie_posters \
         --workdir=RUN --config.seed=0
     poster-cnn --mode=evaluate --workdir=RUN      # best (validation) checkpoint, test split
 """
