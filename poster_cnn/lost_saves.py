@@ -36,6 +36,7 @@ def deleted(directory: str) -> bool:
 
 
 def mark(directory: str) -> None:
+  """Writes the marker into the local checkpoints/ `directory` (on process 0)."""
   if not storage.is_remote(directory) and jax.process_index() == 0:
     with open(os.path.join(directory, MARKER), "w") as f:
       f.write("the checkpoints of a poster_cnn run; training recreates the directory "
