@@ -249,29 +249,27 @@ def test_a_frozen_backbone_gets_no_gradient(imagenet_variables):
   assert np.any(grads["head"]["kernel"])
 
 
-def test_a_frozen_backbone_runs_as_at_inference_in_training(imagenet_variables):
-  # Its BatchNorm keeps the ImageNet statistics and normalises with them; no stochastic
-  # depth: the head sees the features evaluation will give it.
-  config = default.get_config()
-  config.model.name = "efficientnet_lite0"
-  config.model.head_dropout = 0.0
-  config.model.drop_connect_rate = 0.2
-  config.optimizer.freeze_backbone = True
-  m = model_lib.create_model(config, num_classes=1000)
-  x = np.load(os.path.join(DATA, "efficientnet_lite0_logits.npz"))["images"][:2, :32, :32]
-  logits, updates = m.apply(imagenet_variables, x, train=True, mutable=["batch_stats"],
-                            rngs={"dropout": jax.random.key(0)})
-  np.testing.assert_array_equal(logits, m.apply(imagenet_variables, x, train=False))
+def test_a_frozen_backbone_runs_as_at_inference_in_training():
+  # Its BatchNorm keeps the statistics it was given and normalises with them; no
+  # stochastic depth: the head sees the features evaluation will give it. Two small
+  # stages (the second with a residual block that stochastic depth would drop).
+  stages = (efficientnet.Stage(1, 3, 1, 1, 8), efficientnet.Stage(2, 3, 2, 2, 16))
+  make = lambda frozen: efficientnet.EfficientNetLite(
+      num_classes=5, stages=stages, stem_features=8, head_features=32, head_dropout=0.0,
+      drop_connect_rate=0.5, stop_backbone_gradient=frozen)
+  x = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+  variables = make(True).init(jax.random.key(0), x, train=False)
+  # Statistics other than the initial ones, as pretrained weights bring.
+  variables = {"params": variables["params"],
+               "batch_stats": jax.tree.map(lambda v: v + 0.5, variables["batch_stats"])}
+  rngs = {"dropout": jax.random.key(1)}
+  train = lambda m: jax.jit(lambda v: m.apply(v, x, train=True, mutable=["batch_stats"],
+                                              rngs=rngs))(variables)
+  logits, updates = train(make(True))
+  evaluated = jax.jit(lambda v: make(True).apply(v, x, train=False))(variables)
+  np.testing.assert_allclose(logits, evaluated, rtol=1e-6, atol=1e-6)
   for new, old in zip(jax.tree.leaves(updates["batch_stats"]),
-                      jax.tree.leaves(imagenet_variables["batch_stats"])):
+                      jax.tree.leaves(variables["batch_stats"])):
     np.testing.assert_array_equal(new, old)
-  unfrozen = model_lib.create_model(_unfrozen(config), num_classes=1000)
-  moved, _ = unfrozen.apply(imagenet_variables, x, train=True, mutable=["batch_stats"],
-                            rngs={"dropout": jax.random.key(0)})
-  assert not np.allclose(moved, logits)  # the check above can fail: training mode differs
-
-
-def _unfrozen(config):
-  config = config.copy_and_resolve_references()
-  config.optimizer.freeze_backbone = False
-  return config
+  moved, _ = train(make(False))
+  assert not np.allclose(moved, logits, atol=1e-3)  # the checks above can fail

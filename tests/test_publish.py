@@ -17,10 +17,15 @@ from test_convert import VOCAB, make_kaggle
 
 @pytest.fixture
 def sigterm_raises():
-  """SIGTERM raises the converter's Terminated here, as poster-cnn-convert installs it."""
-  previous = signal.signal(signal.SIGTERM, conv._raise_terminated)
+  """SIGTERM raises the converter's Terminated here, as poster-cnn-convert installs it,
+  and SIGINT KeyboardInterrupt, as in any Python started from a shell (a pytest-xdist
+  worker ignores SIGINT)."""
+  previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  signal.signal(signal.SIGTERM, conv._raise_terminated)
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   yield
-  signal.signal(signal.SIGTERM, previous)
+  for s, handler in previous.items():
+    signal.signal(s, handler)
 
 
 def _beside(path: Path) -> list[str]:
