@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from poster_cnn import interrupts
 from poster_cnn.data import convert as conv
 from poster_cnn.data import publish
 
@@ -35,14 +36,14 @@ def _beside(path: Path) -> list[str]:
 def test_deferred_interrupts_deliver_after_the_block(sigterm_raises):
   done = []
   with pytest.raises(conv.Terminated):
-    with publish.deferred_interrupts():
+    with interrupts.deferred_interrupts():
       signal.raise_signal(signal.SIGTERM)
       signal.raise_signal(signal.SIGTERM)  # delivered once
       done.append("after the signal")
   assert done == ["after the signal"]
   assert signal.getsignal(signal.SIGTERM) is conv._raise_terminated
   with pytest.raises(KeyboardInterrupt):
-    with publish.deferred_interrupts():
+    with interrupts.deferred_interrupts():
       signal.raise_signal(signal.SIGINT)
       done.append("after Ctrl-C")
   assert done[-1] == "after Ctrl-C"

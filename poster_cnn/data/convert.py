@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
+from poster_cnn import interrupts
 from poster_cnn.data import csv_rows, images, publish, records, tfrecord
 from poster_cnn.data import split_file as split_file_lib
 from poster_cnn.data import splits as splits_lib
@@ -450,7 +451,7 @@ def convert(csv_path: str | os.PathLike, output_dir: str | os.PathLike, *,
                                 "arguments": arguments, "report": summary}}),
           description=f"Movie posters with multi-hot genre labels, converted from {csv_path}.")
       _write_report(tmp / REPORT_FILE, result)
-      with publish.deferred_interrupts():  # published and reported as such, or neither
+      with interrupts.deferred_interrupts():  # published and reported as such, or neither
         stage.publish()
         try:
           _write_report(report_path, result)

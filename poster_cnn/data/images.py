@@ -23,6 +23,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
+from poster_cnn import interrupts
 from poster_cnn.data import csv_rows, workers
 
 # 40 MP is far above any poster scan yet keeps a worker's decoded image under 120 MB.
@@ -205,7 +206,10 @@ def converted_images(tasks: Iterable[Sequence[str]], num_tasks: int, opts: JpegO
   try:
     pending = collections.deque()
     for chunk in chunks:
-      pending.append((chunk, pool.submit(_convert_chunk, opts, chunk)))
+      # submit() starts the workers: an interrupt while it writes a worker's start-up
+      # data would leave that worker printing a traceback as it dies.
+      with interrupts.deferred_interrupts():
+        pending.append((chunk, pool.submit(_convert_chunk, opts, chunk)))
       if len(pending) > 2 * num_workers:
         yield from results(*pending.popleft())
     while pending:

@@ -15,40 +15,15 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from absl import logging
 
+from poster_cnn.interrupts import deferred_interrupts
+
 # .NAME.KIND-PID-HEX, beside the output NAME: see sibling().
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|probe)-(?P<pid>\d+)-[0-9a-f]{8}")
-
-
-@contextlib.contextmanager
-def deferred_interrupts(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
-                        ) -> Iterator[None]:
-  """Holds `signums` until the block ends, then delivers them again, so that their handlers
-  (KeyboardInterrupt, the converter's Terminated) raise after the block, not inside it.
-
-  Python runs signal handlers in the main thread only: elsewhere this holds nothing (and
-  needs not). A signal whose handler was not installed from Python is left alone.
-  """
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-  received: list[int] = []
-  previous = {s: h for s in signums if (h := signal.getsignal(s)) is not None}
-  for s in previous:
-    signal.signal(s, lambda signum, frame: received.append(signum))
-  try:
-    yield
-  finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)
-    for s in dict.fromkeys(received):
-      signal.raise_signal(s)  # the restored handler runs before the next line of Python
 
 
 def sibling(path: Path, kind: str) -> Path:
@@ -83,20 +58,19 @@ class Staging:
     """Renames the staging directory to the output, replacing an old output only once the
     new one is in place; an interrupt during the swap is delivered after it."""
     with deferred_interrupts():
-      out = self.output_dir
+      out, old = self.output_dir, None
       if out.exists():
         old = sibling(out, "old")
         os.rename(out, old / out.name)
-        try:
-          os.rename(self.path, out)
-        except BaseException:
-          os.rename(old / out.name, out)
-          raise
-        self.published = True
-        shutil.rmtree(old, ignore_errors=True)
-      else:
+      try:
         os.rename(self.path, out)
-        self.published = True
+      except BaseException:
+        if old is not None:
+          os.rename(old / out.name, out)
+        raise
+      self.published = True
+      if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
